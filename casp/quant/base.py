@@ -23,8 +23,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from casp.errors import CaspError
 
-class QuantizationError(ValueError):
+
+class QuantizationError(CaspError, ValueError):
     """Bad quantizer input (shape, bits, group size, NaNs): the message names the fix."""
 
 
