@@ -1,0 +1,148 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323): column-by-column rounding with optimal error feedback.
+
+Quantizing column j of W to Q_j changes the layer output by (W_j - Q_j) x_j; the Optimal Brain
+Surgeon update spreads that error over the not-yet-quantized columns F so the output error
+||(W - Q) X^T||^2 stays smallest:
+
+    W_F <- W_F - (W_j - Q_j) / [H_F^-1]_jj * [H_F^-1]_{j,F},      H = X^T X (+ damping)
+
+GPTQ gets every [H_F^-1] row at once from the upper Cholesky factor U of H^-1 (H^-1 = U^T U):
+row j of U, divided by U_jj, is exactly that update direction. Columns are processed in blocks of
+``block_size``; inside a block updates are applied immediately, to later columns lazily once per
+block (Err @ Hinv[block, rest]), which turns rank-1 updates into one matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from casp.quant.base import QuantConfig, QuantizationError, check_weight
+from casp.quant.rtn import (
+    clip_ratios,
+    compute_dtype,
+    dequantize_codes,
+    fit_minmax,
+    quantize_to_codes,
+    resolve_group_size,
+    search_clip,
+    validate_uniform_config,
+)
+from casp.quant.uniform import UniformWeight
+
+_DAMP_TRIES = 8  # damping grows x10 per failed Cholesky: 0.01 -> 1e5 * mean(diag H) at most
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ.
+
+    bits: 2, 3, 4 or 8.  group_size: input columns per scale/zero (-1 or 0: per output channel).
+    damp: relative dampening, lambda = damp * mean(diag H).  block_size: columns per lazy-update block.
+    act_order: quantize columns in order of decreasing diag(H) (groups follow that order; the
+    permutation is stored).  clip_search: choose each group's clipping ratio (as RTN) on the
+    error-updated weights, weighted by diag(H).
+    """
+
+    method: ClassVar[str] = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    clip_search: bool = False
+    clip_min_ratio: float = 0.2
+    clip_steps: int = 41
+
+    def __post_init__(self):
+        validate_uniform_config(self)
+        if not self.damp >= 0:
+            raise ValueError(f"GPTQConfig.damp must be >= 0 (typical 0.01), got {self.damp}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"GPTQConfig.block_size must be a positive int (typical 128), got {self.block_size}")
+
+    def label(self) -> str:
+        return f"{self.method}-{self.bits}b-g{self.group_size}"
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H).
+
+    If a factorization fails (H not positive definite in floating point), damp is raised x10 and
+    retried. Returns (U, damp actually used).
+    """
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = H.diagonal().mean()
+    for _ in range(_DAMP_TRIES):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        damp = max(damp * 10, 1e-4)
+    raise QuantizationError(
+        f"Cholesky of the damped Hessian failed even with damp={damp / 10:g}; the Gram matrix is not a valid "
+        "X^T X (check the calibration statistics)"
+    )
+
+
+def quantize_gptq(W: torch.Tensor, G: torch.Tensor, cfg: GPTQConfig | None = None) -> UniformWeight:
+    """GPTQ of W [N, K] given the input Gram matrix G = X^T X [K, K] (see the module docstring).
+
+    Computes in fp32 (fp64 if W is fp64) on W's device. The paper's H = 2 G / n differs from G by a
+    constant that the relative damping cancels, so H = G here.
+    """
+    cfg = cfg or GPTQConfig()
+    if not isinstance(cfg, GPTQConfig):
+        raise QuantizationError(f"quantize_gptq needs a GPTQConfig, got {type(cfg).__name__}")
+    if G is None:
+        raise QuantizationError("GPTQ needs the Gram matrix G = X^T X of the layer inputs; use 'rtn' without data")
+    check_weight(W, G)
+    N, K = W.shape
+    gs, B, bits = resolve_group_size(cfg.group_size, K), cfg.block_size, cfg.bits
+    W = W.to(compute_dtype(W)).clone()  # [N, K], updated in place as errors are fed back
+    H = G.to(device=W.device, dtype=W.dtype).clone()  # [K, K]
+
+    dead = H.diagonal() == 0  # inputs that are always 0: their weights never matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = None
+    if cfg.act_order:  # columns with the most input energy first, while many columns remain to absorb errors
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    d = H.diagonal().clone()  # weights of the clipping search
+    Hinv, damp_used = inverse_cholesky(H, cfg.damp)  # [K, K] upper
+    del H
+
+    def fit(w: torch.Tensor, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return search_clip(w, bits, clip_ratios(cfg), d[cols]) if cfg.clip_search else fit_minmax(w, bits)
+
+    n_groups = -(-K // gs)
+    scales, zeros = W.new_zeros(N, n_groups), W.new_zeros(N, n_groups)
+    codes = torch.empty(N, K, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, i1:i2].clone()  # [N, b] current block
+        Err1 = torch.zeros_like(W1)  # [N, b] (W_j - Q_j) / [H^-1]_jj
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if j % gs == 0:  # a new group starts: fit its grid on the current, error-updated weights
+                g_end = min(j + gs, K)
+                cur = W1[:, i : g_end - i1]
+                if g_end > i2:  # the group runs past this block: apply the block's pending updates there
+                    cur = torch.cat([cur, W[:, i2:g_end] - Err1[:, :i] @ Hinv[i1:j, i2:g_end]], 1)
+                s, z = fit(cur, slice(j, g_end))
+                scales[:, j // gs], zeros[:, j // gs] = s, z
+            w = W1[:, i]
+            q = quantize_to_codes(w, s, z, bits)
+            codes[:, j] = q.to(torch.uint8)
+            err = (w - dequantize_codes(q, s, z)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # OBS update inside the block
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of all later columns
+
+    return UniformWeight.from_codes(codes, scales, zeros, bits, gs, perm, info={"damp_used": damp_used})

@@ -1,0 +1,72 @@
+"""QuantLinear: an nn.Linear replacement holding a packed weight (any registered format).
+
+The packed tensors of ``QuantizedWeight.state()`` are buffers (so state_dict, .to(device) and
+load_state_dict(assign=True) just work), ``meta`` is a plain attribute (it goes to the checkpoint's
+JSON, not to safetensors), and forward is one call into casp.kernels, which picks a fused kernel
+for the format where one exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from casp import kernels
+from casp.quant import weight_from_state
+from casp.quant.base import QuantizedWeight
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored packed.
+
+    Packed buffers keep their stored dtypes (int32 codes, fp16 scales, ...) under ``.to(dtype)``,
+    ``.half()`` and the like: the stored format is fixed; only the bias follows the model's dtype.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor], meta: dict[str, Any], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.meta = dict(meta)
+        self.out_features, self.in_features = (int(s) for s in meta["shape"])
+        self._packed = tuple(state)
+        for name, t in state.items():
+            self.register_buffer(name, t)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.quantized_weight()  # validate the packed tensors against meta once, at construction
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+        return cls(qw.state(), qw.meta(), bias)
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], meta: dict[str, Any], bias: torch.Tensor | None = None
+    ) -> QuantLinear:
+        return cls(state, meta, bias)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The QuantizedWeight view of the current buffers (no copy)."""
+        return weight_from_state({name: getattr(self, name) for name in self._packed}, self.meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.quantized_weight(), self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype) casts every floating tensor; the packed format fixes its own dtypes.
+        dtypes = {name: getattr(self, name).dtype for name in self._packed}
+        super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            t = getattr(self, name)
+            if t.dtype != dtype:
+                setattr(self, name, t.to(dtype))
+        return self
+
+    def extra_repr(self) -> str:
+        bits = self.meta.get("bits")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format={self.meta.get('format')}" + (f", bits={bits}" if bits is not None else "")
+        )
