@@ -8,6 +8,8 @@ torch traceback reaches the user.
 
 from __future__ import annotations
 
+from casp.errors import CaspError
 
-class EvalError(ValueError):
+
+class EvalError(CaspError):
     """Bad evaluation input: the message is one line, names the file/line and how to fix it."""
