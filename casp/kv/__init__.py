@@ -1,0 +1,52 @@
+"""AKVQ-VL 2-bit KV cache (with Walsh-Hadamard rotation and TSA/PSA saliency) and its baselines.
+
+from casp.kv import AKVQCache, AKVQConfig, KVSaliencyProfile
+cache = AKVQCache(model, AKVQConfig(bits=2, profile=KVSaliencyProfile.load(model_dir)))
+model.generate(**inputs, past_key_values=cache)
+"""
+
+from casp.kv.cache import AKVQCache, AKVQConfig, AKVQLayer, QuantizedKVCache, ablation_configs
+from casp.kv.kivi import KIVICache, KIVIConfig, KIVILayer, UniformKVCache
+from casp.kv.quantizer import (
+    PackedKV,
+    dequantize,
+    dequantize_per_channel,
+    quantize_per_channel,
+    quantize_tokens,
+)
+from casp.kv.rotation import fold_value_rotation, is_value_rotation_folded, rotate, rotate_qk
+from casp.kv.saliency import (
+    PROFILE_FILE,
+    KVSaliencyProfile,
+    detect_patterns,
+    find_pivot_tokens,
+    measure_saliency,
+    pivot_mask,
+)
+
+__all__ = [
+    "AKVQCache",
+    "AKVQConfig",
+    "AKVQLayer",
+    "KIVICache",
+    "KIVIConfig",
+    "KIVILayer",
+    "KVSaliencyProfile",
+    "PROFILE_FILE",
+    "PackedKV",
+    "QuantizedKVCache",
+    "UniformKVCache",
+    "ablation_configs",
+    "dequantize",
+    "dequantize_per_channel",
+    "detect_patterns",
+    "find_pivot_tokens",
+    "fold_value_rotation",
+    "is_value_rotation_folded",
+    "measure_saliency",
+    "pivot_mask",
+    "quantize_per_channel",
+    "quantize_tokens",
+    "rotate",
+    "rotate_qk",
+]

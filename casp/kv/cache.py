@@ -1,0 +1,561 @@
+"""AKVQ-VL KV cache: a transformers ``Cache`` of per-layer caches holding 2-bit packed keys and values.
+
+    cache = AKVQCache(model, AKVQConfig(bits=2, profile=KVSaliencyProfile.load(model_dir)))
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+Every layer keeps its most recent tokens in fp16 (at least ``residual``; when ``residual + block``
+are there, the oldest whole ``block``s are quantized) and everything older in packed form, in one of
+three precision classes chosen per token by the layer's saliency pattern:
+
+* uniform (and any layer whose switch is off): every old token at ``bits``;
+* TSA layers: image tokens at ``bits``, text tokens (prompt text and generated tokens) at ``salient_bits``;
+* PSA layers: pivot tokens (massive activations at prefill) in fp16, the rest at ``bits``.
+
+Keys are quantized per token after a Walsh-Hadamard rotation (see casp.kv.rotation for why returning
+the un-rotated reconstruction equals rotating the query); values too, rotated either by weights
+folded with ``fold_value_rotation`` or, for an unfolded model, online inside the cache.
+
+How the cache learns prefill facts (documented contract): constructing it registers forward
+pre-hooks on the model (reads ``input_ids`` of the prefill call -> image-token mask through the model
+adapter) and on the decoder blocks of PSA layers (reads the block's input hidden states at prefill ->
+pivot tokens). The hooks hold the cache weakly, act only on calls whose ``past_key_values`` is this
+cache, and are removed when the cache is garbage-collected or :meth:`AKVQCache.close` is called. For
+inputs without ``input_ids`` call :meth:`AKVQCache.prepare` with an ``image_mask`` before prefill.
+
+``update`` returns dequantized full keys/values (the torch path: attention over the quantized cache
+dequantizes on the fly); the tokens passed to the current call are returned exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from casp.kv.quantizer import SUPPORTED_BITS, PackedKV, default_clip, dequantize, quantize_tokens
+from casp.kv.rotation import check_head_dim, is_value_rotation_folded
+from casp.kv.saliency import KVSaliencyProfile, pivot_mask
+
+# Token precision classes of an AKVQ layer.
+FP16, SALIENT, LOW = 0, 1, 2
+# Without a measured profile: LLaVA-1.5-7B's table in the paper (layers 0-1 TSA, the rest PSA).
+DEFAULT_TSA_LAYERS = 2
+# Quantize at most this many elements at once, so the fp32 temporaries of a long prefill stay small.
+_QUANT_SLICE = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class AKVQConfig:
+    """AKVQ-VL cache settings. The ablation uniform -> +rotation -> +TSA -> +PSA is the three switches.
+
+    bits: bits of ordinary old tokens; salient_bits: bits of text tokens in TSA layers; residual: fp16
+    recent tokens kept (at least); block: tokens quantized at once when the window overflows; pivots,
+    pivot_ratio: at most ``pivots`` tokens whose hidden-state norm exceeds ``pivot_ratio`` x median stay
+    fp16 in PSA layers; group: channels per quantization group (the head dim when smaller); clip,
+    salient_clip: clip ratios (None: 0.8 at 2 bits, 1.0 above); profile: per-layer TSA/PSA patterns
+    (None: the first 2 layers TSA, the rest PSA).
+    """
+
+    bits: int = 2
+    salient_bits: int = 4
+    residual: int = 128
+    block: int = 32
+    pivots: int = 15
+    pivot_ratio: float = 4.0
+    group: int = 128
+    clip: float | None = None
+    salient_clip: float | None = None
+    rotate: bool = True
+    tsa: bool = True
+    psa: bool = True
+    profile: KVSaliencyProfile | None = None
+    version: int = 1
+
+    def __post_init__(self):
+        for name in ("bits", "salient_bits"):
+            if getattr(self, name) not in SUPPORTED_BITS:
+                raise ValueError(f"AKVQConfig.{name} must be one of {SUPPORTED_BITS}, got {getattr(self, name)}")
+        if self.residual < 0:
+            raise ValueError(f"AKVQConfig.residual must be >= 0, got {self.residual}")
+        if self.block <= 0:
+            raise ValueError(f"AKVQConfig.block must be > 0, got {self.block}")
+        if self.pivots < 0 or self.pivot_ratio <= 0:
+            raise ValueError("AKVQConfig.pivots must be >= 0 and pivot_ratio > 0")
+        if self.group <= 0 or self.group % 4:
+            raise ValueError(f"AKVQConfig.group must be a positive multiple of 4, got {self.group}")
+        for name in ("clip", "salient_clip"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"AKVQConfig.{name} must be in (0, 1] or None, got {value}")
+        if self.profile is not None and not isinstance(self.profile, KVSaliencyProfile):
+            raise ValueError("AKVQConfig.profile must be a KVSaliencyProfile (KVSaliencyProfile.load(model_dir))")
+
+    def pattern(self, layer: int, num_layers: int) -> str:
+        if self.profile is None:
+            return "TSA" if layer < DEFAULT_TSA_LAYERS else "PSA"
+        if self.profile.num_layers != num_layers:
+            raise ValueError(
+                f"the KV saliency profile has {self.profile.num_layers} layers, the model {num_layers}; "
+                "it was measured on another model"
+            )
+        return self.profile.patterns[layer]
+
+    def mode(self, layer: int, num_layers: int) -> str:
+        """ "tsa", "psa" or "uniform": the layer's pattern if its switch is on."""
+        pattern = self.pattern(layer, num_layers)
+        if pattern == "TSA" and self.tsa:
+            return "tsa"
+        if pattern == "PSA" and self.psa:
+            return "psa"
+        return "uniform"
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["profile"] = None if self.profile is None else self.profile.to_dict()
+        return data
+
+
+def ablation_configs(bits: int = 2, **common) -> dict[str, AKVQConfig]:
+    """The paper's ablation as configs of one class: uniform -> +rotation -> +TSA -> +PSA."""
+    return {
+        "uniform": AKVQConfig(bits=bits, rotate=False, tsa=False, psa=False, **common),
+        "+rotation": AKVQConfig(bits=bits, rotate=True, tsa=False, psa=False, **common),
+        "+TSA": AKVQConfig(bits=bits, rotate=True, tsa=True, psa=False, **common),
+        "+PSA": AKVQConfig(bits=bits, rotate=True, tsa=True, psa=True, **common),
+    }
+
+
+def _iter_tensors(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, PackedKV):
+        yield from obj.tensors()
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _iter_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _iter_tensors(v)
+
+
+def unique_nbytes(tensors) -> int:
+    """Total bytes of distinct tensors (a tensor held twice counts once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.data_ptr(), t.nbytes) if t.numel() else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
+class WindowedQuantLayer(CacheLayerMixin):
+    """One layer's cache: an fp16 recent window (``self.keys``/``self.values`` [B, H, W, d]) in front of a
+    quantized store of older tokens that subclasses define through ``_store`` and ``_load``.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, residual: int, block: int):
+        super().__init__()
+        self.residual, self.block = residual, block
+        self.length = 0  # tokens seen
+        self.stored = 0  # tokens moved into the quantized store (always the oldest ones)
+
+    # -- subclass hooks ----------------------------------------------------------------------------
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """Quantize tokens [start, start + n) given as [B, H, n, d]."""
+        raise NotImplementedError
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized stored tokens [B, H, stored, d]."""
+        raise NotImplementedError
+
+    def _select_store(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` of the store."""
+        raise NotImplementedError
+
+    def stored_tensors(self) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    # -- transformers CacheLayerMixin API ----------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0].clone()
+        self.values = value_states[:, :, :0].clone()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append [B, H, T, d] states; return all keys/values (old ones dequantized, new ones exact)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        parts_k, parts_v = [self.keys, key_states], [self.values, value_states]
+        if self.stored:
+            old_k, old_v = self._load()
+            parts_k.insert(0, old_k)
+            parts_v.insert(0, old_v)
+        out_k, out_v = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+        self.length += key_states.shape[-2]
+        window_k = torch.cat([self.keys, key_states], dim=-2)
+        window_v = torch.cat([self.values, value_states], dim=-2)
+        n = (window_k.shape[-2] - self.residual) // self.block * self.block
+        if n > 0:
+            self._store(window_k[:, :, :n], window_v[:, :, :n], start=self.stored)
+            self.stored += n
+            # clone: a slice would keep the whole window's storage alive
+            window_k, window_v = window_k[:, :, n:].clone(), window_v[:, :, n:].clone()
+        self.keys, self.values = window_k, window_v
+        return out_k, out_v
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older transformers passed cache_position
+            query_length = query_length.shape[0]
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # name used by transformers < 5.16
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.length = self.stored = 0
+
+    def offload(self):  # the packed store stays where it is; offloading is not supported
+        return None
+
+    def prefetch(self):
+        return None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a quantized KV cache cannot be cropped; use the fp16 cache for assisted decoding")
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        self.keys = self.keys.index_select(0, index)
+        self.values = self.values.index_select(0, index)
+        if self.stored:
+            self._select_store(index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(torch.as_tensor(indices).flatten())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            b = self.keys.shape[0]
+            self._select_batch(torch.arange(b, device=self.keys.device).repeat_interleave(repeats))
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor this layer holds (for memory accounting)."""
+        if self.is_initialized:
+            yield self.keys
+            yield self.values
+            yield from self.stored_tensors()
+
+
+def _quantize_rows(x: torch.Tensor, bits: int, group: int, clip: float) -> PackedKV:
+    """quantize_tokens on [N, ...] in slices of rows (bounded fp32 temporaries)."""
+    step = max(1, _QUANT_SLICE // max(1, x[0].numel()))
+    parts = [quantize_tokens(x[i : i + step], bits, group, clip) for i in range(0, x.shape[0], step)]
+    return parts[0] if len(parts) == 1 else PackedKV.cat(parts)
+
+
+def _gather_rows(token_class: torch.Tensor, cls: int, index: torch.Tensor) -> torch.Tensor:
+    """Row numbers (into class ``cls``'s row store) of the tokens of batch rows ``index``, in storage order.
+
+    Rows are stored in the row-major order of the [S, B] class map, so a token's row number is its rank
+    among the class's tokens in that order.
+    """
+    hit = token_class == cls
+    ids = torch.full(hit.shape, -1, dtype=torch.long, device=hit.device)
+    ids[hit] = torch.arange(int(hit.sum()), device=hit.device)
+    picked = ids[:, index]
+    return picked[picked >= 0]
+
+
+class AKVQLayer(WindowedQuantLayer):
+    """One layer of the AKVQ-VL cache, in mode "uniform", "tsa" or "psa" (see the module docstring).
+
+    Old tokens are stored time-major: ``token_class`` [S, B] (int8: FP16, SALIENT or LOW) and, per class,
+    the rows [N_c, H, ...] of the tokens of that class in row-major order of ``token_class``. So per-row
+    (per batch element) different image positions and pivots cost nothing, and appending a block is a
+    concatenation.
+    """
+
+    def __init__(self, config: AKVQConfig, mode: str, rotate_values: bool, head_dim: int):
+        super().__init__(config.residual, config.block)
+        if mode not in ("uniform", "tsa", "psa"):
+            raise ValueError(f"unknown AKVQ layer mode {mode!r}")
+        self.mode = mode
+        self.group = min(config.group, head_dim)
+        if head_dim % self.group:
+            raise ValueError(f"head dim {head_dim} is not a multiple of the KV group size {self.group}")
+        if config.rotate or rotate_values:
+            check_head_dim(head_dim)
+        self.bits = {SALIENT: config.salient_bits, LOW: config.bits}
+        self.clip = {
+            SALIENT: default_clip(config.salient_bits) if config.salient_clip is None else config.salient_clip,
+            LOW: default_clip(config.bits) if config.clip is None else config.clip,
+        }
+        self.rotate_keys = config.rotate
+        self.rotate_values = rotate_values  # online; False when the model carries folded V rotation
+        self.head_dim = head_dim
+        self._init_store()
+        self.image_mask: torch.Tensor | None = None  # [B, T_prefill], set by AKVQCache.prepare
+        self.pivots: torch.Tensor | None = None  # [B, T_prefill] bool, set at prefill (PSA)
+
+    def _init_store(self) -> None:
+        self.token_class: torch.Tensor | None = None
+        self.k_rows: dict[int, torch.Tensor | PackedKV] = {}
+        self.v_rows: dict[int, torch.Tensor | PackedKV] = {}
+        self.hadamard: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._init_store()
+        self.image_mask = self.pivots = None
+
+    def _h(self) -> torch.Tensor:
+        if self.hadamard is None:
+            from casp.hadamard import hadamard_matrix
+
+            self.hadamard = hadamard_matrix(self.head_dim, dtype=self.dtype, device=self.device)
+        return self.hadamard
+
+    def _classes(self, start: int, n: int, batch: int, device) -> torch.Tensor:
+        """Precision class of tokens [start, start + n) of every batch row: int8 [n, B]."""
+        cls = torch.full((n, batch), LOW, dtype=torch.int8, device=device)
+        if self.mode == "tsa":
+            cls.fill_(SALIENT)
+            if self.image_mask is not None:
+                prefix = self.image_mask[:, start : start + n].to(device).T  # [n', B]
+                cls[: prefix.shape[0]][prefix] = LOW
+        elif self.mode == "psa" and self.pivots is not None:
+            prefix = self.pivots[:, start : start + n].to(device).T
+            cls[: prefix.shape[0]][prefix] = FP16
+        return cls
+
+    def _encode(self, rows: torch.Tensor, cls: int, rotate: bool) -> torch.Tensor | PackedKV:
+        if cls == FP16:
+            return rows
+        if rotate:
+            rows = rows @ self._h()
+        return _quantize_rows(rows, self.bits[cls], self.group, self.clip[cls])
+
+    def _decode(self, rows: torch.Tensor | PackedKV, rotate: bool) -> torch.Tensor:
+        if isinstance(rows, torch.Tensor):
+            return rows
+        x = dequantize(rows, self.dtype)
+        return x @ self._h() if rotate else x  # H^T = H: back to the model's basis
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        b, _, n, _ = keys.shape
+        cls = self._classes(start, n, b, keys.device)
+        k_t, v_t = keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3)  # [n, B, H, d]
+        for c in (FP16, SALIENT, LOW):
+            hit = cls == c
+            if not bool(hit.any()):
+                continue
+            new_k = self._encode(k_t[hit], c, self.rotate_keys)  # rows [N, H, d]
+            new_v = self._encode(v_t[hit], c, self.rotate_values)
+            if c in self.k_rows:
+                new_k, new_v = _cat(self.k_rows[c], new_k), _cat(self.v_rows[c], new_v)
+            self.k_rows[c], self.v_rows[c] = new_k, new_v
+        self.token_class = cls if self.token_class is None else torch.cat([self.token_class, cls])
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s, b = self.token_class.shape
+        h, d = self.keys.shape[1], self.keys.shape[-1]
+        outs = []
+        for rows, rotate in ((self.k_rows, self.rotate_keys), (self.v_rows, self.rotate_values)):
+            if len(rows) == 1:  # one class holds every token: no scatter
+                (only,) = rows.values()
+                out = self._decode(only, rotate).view(s, b, h, d)
+            else:
+                out = torch.empty(s, b, h, d, dtype=self.dtype, device=self.device)
+                for c, r in rows.items():
+                    out[self.token_class == c] = self._decode(r, rotate)
+            outs.append(out.permute(1, 2, 0, 3))  # [B, H, S, d]
+        return outs[0], outs[1]
+
+    def _select_store(self, index: torch.Tensor) -> None:
+        for c in list(self.k_rows):
+            rows = _gather_rows(self.token_class, c, index)
+            self.k_rows[c], self.v_rows[c] = _take(self.k_rows[c], rows), _take(self.v_rows[c], rows)
+        self.token_class = self.token_class[:, index]
+        if self.pivots is not None:
+            self.pivots = self.pivots[index.to(self.pivots.device)]
+
+    def stored_tensors(self) -> Iterator[torch.Tensor]:
+        yield from _iter_tensors([self.token_class, self.k_rows, self.v_rows, self.hadamard, self.pivots])
+        if self.image_mask is not None:
+            yield self.image_mask
+
+    def set_pivots(self, hidden_states: torch.Tensor, k: int, ratio: float) -> None:
+        """Pivot tokens of this layer from its prefill input hidden states [B, T, D]."""
+        self.pivots = pivot_mask(hidden_states.float().norm(dim=-1), k, ratio)
+
+
+def _cat(a, b):
+    return PackedKV.cat([a, b]) if isinstance(a, PackedKV) else torch.cat([a, b])
+
+
+def _take(rows, index: torch.Tensor):
+    return rows.select(index) if isinstance(rows, PackedKV) else rows[index]
+
+
+class QuantizedKVCache(Cache):
+    """Base of casp's quantized caches: a Cache of WindowedQuantLayer objects with memory accounting."""
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for layer in self.layers:
+            yield from layer.tensors()
+
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor the cache holds: packed codes, fp16 scales/zeros, fp16 window and kept
+        tokens, class maps and masks (each distinct tensor once)."""
+        return unique_nbytes(self.tensors())
+
+    def fp16_equivalent_bytes(self) -> int:
+        """Bytes the same tokens would take in a plain fp16 (DynamicCache) cache."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                b, h, _, d = layer.keys.shape
+                total += 2 * b * h * layer.get_seq_length() * d * 2
+        return total
+
+
+def _text_shape(model: nn.Module, adapter) -> tuple[int, int]:
+    """(num decoder layers, head dim) of the language model."""
+    layers = adapter.decoder_layers(model)
+    return len(layers), adapter.attention(layers[0]).head_dim
+
+
+class AKVQCache(QuantizedKVCache):
+    """AKVQ-VL KV cache for ``model`` (see the module docstring). ``adapter`` defaults to get_adapter(model)."""
+
+    def __init__(self, model: nn.Module, config: AKVQConfig | None = None, adapter=None):
+        from casp.models import get_adapter
+
+        config = config or AKVQConfig()
+        adapter = adapter or get_adapter(model)
+        num_layers, head_dim = _text_shape(model, adapter)
+        rotate_values = config.rotate and not is_value_rotation_folded(model)
+        layers = [AKVQLayer(config, config.mode(i, num_layers), rotate_values, head_dim) for i in range(num_layers)]
+        super().__init__(layers=layers)
+        self.config = config
+        self.image_mask: torch.Tensor | None = None
+        self._handles: list = []
+        self._install_hooks(model, adapter)
+
+    # -- prefill facts -----------------------------------------------------------------------------
+    def prepare(
+        self,
+        input_ids: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        *,
+        model: nn.Module | None = None,
+        adapter=None,
+    ) -> None:
+        """Tell the cache which prefill positions are image tokens (before the prefill call).
+
+        Give ``image_mask`` (bool [B, T]) directly, or ``input_ids`` with ``model`` and ``adapter``.
+        """
+        if self.get_seq_length() > 0:
+            raise ValueError("AKVQCache.prepare must be called before the prefill forward (the cache is not empty)")
+        if image_mask is None:
+            if input_ids is None or model is None or adapter is None:
+                raise ValueError("AKVQCache.prepare needs image_mask, or input_ids with model and adapter")
+            image_mask = adapter.image_token_mask(model, input_ids)
+        if image_mask.dim() != 2:
+            raise ValueError(f"image_mask must be bool [B, T], got shape {tuple(image_mask.shape)}")
+        self.image_mask = image_mask.to(torch.bool)
+        for layer in self.layers:
+            layer.image_mask = self.image_mask
+
+    def _install_hooks(self, model: nn.Module, adapter) -> None:
+        ref = weakref.ref(self)
+
+        def on_model(module, args, kwargs):
+            cache = ref()
+            if cache is None or kwargs.get("past_key_values") is not cache or cache.get_seq_length() > 0:
+                return None
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if cache.image_mask is None and input_ids is not None:
+                cache.prepare(image_mask=adapter.image_token_mask(module, input_ids))
+            return None
+
+        def on_block(index, module, args, kwargs):
+            cache = ref()
+            if cache is None or kwargs.get("past_key_values") is not cache:
+                return None
+            layer = cache.layers[index]
+            if layer.get_seq_length() == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                layer.set_pivots(hidden, cache.config.pivots, cache.config.pivot_ratio)
+            return None
+
+        handles = [model.register_forward_pre_hook(on_model, with_kwargs=True)]
+        for i, block in enumerate(adapter.decoder_layers(model)):
+            if self.layers[i].mode == "psa" and self.config.pivots > 0:
+                handles.append(block.register_forward_pre_hook(partial(on_block, i), with_kwargs=True))
+        self._handles = handles
+        weakref.finalize(self, _remove_handles, handles)
+
+    def close(self) -> None:
+        """Remove the hooks this cache installed on the model (also done when the cache is collected)."""
+        _remove_handles(self._handles)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield from super().tensors()
+        if self.image_mask is not None:
+            yield self.image_mask
+
+    # -- batch bookkeeping shared by the layers ----------------------------------------------------
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if self.image_mask is not None:
+            self.image_mask = self.image_mask[index.to(self.image_mask.device)]
+            for layer in self.layers:
+                layer.image_mask = self.image_mask
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._select_batch(torch.as_tensor(indices).flatten())
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.image_mask is not None:
+            b = self.image_mask.shape[0]
+            self._select_batch(torch.arange(b).repeat_interleave(repeats))
+
+    def reset(self):
+        super().reset()
+        self.image_mask = None
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
