@@ -1,0 +1,93 @@
+"""One eval run: task specs ("vqa:FILE", "mc:FILE", "caption:FILE", "ppl:FILE") -> results JSON.
+
+This is what ``casp eval MODEL --task KIND:FILE ... --out results.json`` calls.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from casp.eval.errors import EvalError
+from casp.eval.ppl import run_ppl
+from casp.eval.results import make_results, save_results
+from casp.eval.tasks import run_caption, run_mc, run_vqa
+
+TASK_KINDS = ("vqa", "mc", "caption", "ppl")
+
+
+def parse_task_spec(spec: str) -> tuple[str, Path]:
+    """ "vqa:path/to/file.jsonl" -> ("vqa", Path(...)), with a clear error for anything else."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path or kind not in TASK_KINDS:
+        raise EvalError(f"bad task {spec!r}: write KIND:FILE with KIND one of {', '.join(TASK_KINDS)}")
+    return kind, Path(path)
+
+
+def run_task(
+    spec: str,
+    model: nn.Module,
+    processor: Any,
+    adapter: Any,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    image_root: str | Path | None = None,
+    ppl_max_length: int | None = None,
+    ppl_stride: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run one task spec on a loaded model."""
+    kind, path = parse_task_spec(spec)
+    if kind == "ppl":
+        return run_ppl(model, processor, path, max_length=ppl_max_length, stride=ppl_stride, progress=progress)
+    runner = {"vqa": run_vqa, "mc": run_mc, "caption": run_caption}[kind]
+    kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    return runner(
+        model,
+        processor,
+        adapter,
+        path,
+        image_root=image_root,
+        batch_size=batch_size,
+        limit=limit,
+        progress=progress,
+        **kwargs,
+    )
+
+
+def evaluate(
+    model_path: str | Path,
+    tasks: list[str],
+    out: str | Path | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    **task_options: Any,
+) -> dict[str, Any]:
+    """Load a model (original or casp-compressed dir), run every task, write and return the results."""
+    from casp.models import load_model
+
+    if not tasks:
+        raise EvalError("no task given: add --task KIND:FILE (KIND one of vqa, mc, caption, ppl)")
+    specs = [parse_task_spec(s) for s in tasks]  # fail on a typo before loading a large model
+    for spec, (_, path) in zip(tasks, specs):
+        if not path.is_file():
+            raise EvalError(f"task {spec!r}: file {str(path)!r} not found")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    t0 = time.perf_counter()
+    model, processor, adapter = load_model(model_path, dtype=dtype, device=device)
+    timing: dict[str, float] = {"load_s": time.perf_counter() - t0}
+    results: dict[str, dict[str, Any]] = {}
+    for spec in tasks:
+        results[spec] = run_task(spec, model, processor, adapter, **task_options)
+        timing[f"{spec}_s"] = results[spec]["seconds"]
+    timing["total_s"] = time.perf_counter() - t0
+    res = make_results(model_path, results, timing, device=device, dtype=str(dtype).removeprefix("torch."))
+    if out is not None:
+        save_results(res, out)
+    return res
