@@ -209,3 +209,23 @@ def test_budget_bits():
         budget_bits(0, 2.0)
     with pytest.raises(AllocationError):
         apply_importance([[1.0]], [-1.0])
+
+
+def test_sensitivity_with_the_real_rtn_quantizer_and_allocation_end_to_end():
+    from casp.quant.rtn import RTNConfig, quantize_rtn
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(64, 32, generator=g)
+    G = X.T @ X
+    layers = [torch.randn(16, 32, generator=g) * s for s in (1.0, 1.0, 1.0)]
+    per_layer = [layer_sensitivity(W, G, RTNConfig(group_size=32).candidates((2, 3, 4)), quantize_rtn) for W in layers]
+    for cands in per_layer:
+        errs = [c.error for c in cands]
+        assert errs[0] > errs[1] > errs[2]
+        assert cands[0].storage_bits < cands[1].storage_bits < cands[2].storage_bits
+    errors, costs = candidate_table(per_layer)
+    budget = costs[0][0] + costs[1][1] + costs[2][0]  # room for exactly one layer at 3 bits
+    choice = allocate(errors, costs, budget)
+    assert total_cost(costs, choice) <= budget
+    assert sorted(choice) == [0, 0, 1]
+    assert choice == brute_force(errors, costs, budget)[0]

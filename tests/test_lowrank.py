@@ -14,10 +14,10 @@ from casp.lowrank import (
     adaptive_ranks,
     balance_factors,
     fixed_rank,
+    hadamard_ranges,
     normalized_errors,
     official_rescale,
     plain_lowrank,
-    power_of_two_blocks,
     rotate_rank,
     whitened_lowrank,
     whitened_spectrum,
@@ -239,8 +239,8 @@ def test_official_rescale_and_blocks():
     A, B = lowrank_pair()
     A2, B2 = official_rescale(A, B)
     assert torch.allclose(A2 @ B2, A @ B) and torch.allclose(B2, B * 10)
-    assert power_of_two_blocks(72) == [64, 8] and power_of_two_blocks(512) == [512]
-    assert sum(power_of_two_blocks(1000)) == 1000
+    assert hadamard_ranges(72) == [(0, 64), (8, 72)] and hadamard_ranges(512) == [(0, 512)]
+    assert hadamard_ranges(1) == [(0, 1)]
 
 
 def test_lowrank_linear_forward_and_repr():
@@ -257,3 +257,19 @@ def test_lowrank_linear_forward_and_repr():
     assert half.A.weight.dtype == torch.float64 and half.rank == 3
     with pytest.raises(LowRankError, match="do not chain"):
         LowRankLinear(torch.nn.Linear(4, 5), torch.nn.Linear(3, 3))
+
+
+def test_lowrank_linear_with_quantized_factors():
+    from casp.quant.linear import QuantLinear
+    from casp.quant.rtn import RTNConfig, quantize_rtn
+
+    W, bias = torch.randn(16, 32), torch.randn(16)
+    f = whitened_lowrank(W, torch.eye(32), 8)
+    dense = LowRankLinear.from_factors(f.A, f.B, bias)
+    cfg = RTNConfig(bits=8, group_size=32)
+    A_q = QuantLinear.from_weight(quantize_rtn(f.A, None, cfg), bias)
+    B_q = QuantLinear.from_weight(quantize_rtn(f.B, None, cfg))
+    mod = LowRankLinear(A_q, B_q)
+    assert (mod.in_features, mod.rank, mod.out_features) == (32, 8, 16)
+    x = torch.randn(4, 32)
+    assert torch.allclose(mod(x), dense(x), rtol=0.05, atol=0.05)

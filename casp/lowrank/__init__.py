@@ -3,7 +3,7 @@
 The algorithms live in whiten.py, ranks.py and balance.py; module.py holds the thin two-linear module.
 """
 
-from casp.lowrank.balance import balance_factors, official_rescale, power_of_two_blocks, rotate_rank
+from casp.lowrank.balance import balance_factors, hadamard_ranges, official_rescale, rotate_rank
 from casp.lowrank.module import LowRankLinear
 from casp.lowrank.ranks import adaptive_ranks, density_weights, fixed_rank, max_useful_rank, normalized_errors
 from casp.lowrank.whiten import (
@@ -29,7 +29,7 @@ __all__ = [
     "normalized_errors",
     "official_rescale",
     "plain_lowrank",
-    "power_of_two_blocks",
+    "hadamard_ranges",
     "rotate_rank",
     "whitened_lowrank",
     "whitened_spectrum",

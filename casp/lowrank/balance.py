@@ -10,8 +10,10 @@ rank components are split between the two factors, and so how hard each factor i
 * Rotation: A H and H^T B with H = D_s Had_r / sqrt(r) an orthogonal randomized Hadamard matrix of the
   rank dimension (D_s random signs). It spreads a few large components over all of them, as QuIP#
   incoherence processing does. It is folded into the factors, so inference pays nothing.
-  When r is not a power of two, H is block diagonal with Hadamard blocks of the sizes in the binary
-  decomposition of r (e.g. 72 = 64 + 8), so the rank is kept and H stays orthogonal.
+  When r is not a power of two, padding would change the rank (and cost parameters), and a block-diagonal
+  Hadamard (e.g. 72 = 64 + 8) leaves the small blocks unmixed (measured: worse than no rotation). So H is
+  the product of two Hadamards of size p = 2^floor(log2 r) on the overlapping ranges [0, p) and [r - p, r):
+  orthogonal, O(r log r), and every component is mixed with at least p - (r - p) others.
 
 The official CASP code instead rescales B by 10 and A by 0.1 (:func:`official_rescale`).
 """
@@ -48,23 +50,25 @@ def official_rescale(A: torch.Tensor, B: torch.Tensor, factor: float = 10.0) -> 
     return A / factor, B * factor
 
 
-def power_of_two_blocks(r: int) -> list[int]:
-    """Binary decomposition of r, largest first: the Hadamard block sizes used for a rank r."""
-    return [1 << k for k in range(r.bit_length() - 1, -1, -1) if r >> k & 1]
+def hadamard_ranges(r: int) -> list[tuple[int, int]]:
+    """The [start, stop) ranges the rank rotation applies a normalized Hadamard to, in order."""
+    if r < 1:
+        raise LowRankError(f"rank must be >= 1, got {r}")
+    p = 1 << (r.bit_length() - 1)  # largest power of two <= r
+    return [(0, p)] if p == r else [(0, p), (r - p, r)]
 
 
 def _hadamard_last(x: torch.Tensor) -> torch.Tensor:
-    """x @ blockdiag(Had_k / sqrt(k)) on the last dimension (blocks from power_of_two_blocks)."""
-    out, start = [], 0
-    for k in power_of_two_blocks(x.shape[-1]):
-        out.append(fwht(x[..., start : start + k]))
-        start += k
-    return torch.cat(out, dim=-1)
+    """x @ H_1 @ H_2 ... on the last dimension, H_k a normalized Hadamard on hadamard_ranges(r)[k]."""
+    for start, stop in hadamard_ranges(x.shape[-1]):
+        x = torch.cat([x[..., :start], fwht(x[..., start:stop]), x[..., stop:]], dim=-1)
+    return x
 
 
 def rotate_rank(A: torch.Tensor, B: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A H, H^T B, signs) with H = diag(signs) blockdiag(Had) orthogonal on the rank dimension.
+    """(A H, H^T B, signs) with H = diag(signs) H_1 [H_2] orthogonal on the rank dimension.
 
+    H_k are normalized Hadamards on :func:`hadamard_ranges` (one range when r is a power of two).
     A H H^T B = A B. The signs are drawn from a CPU generator seeded with ``seed`` (reproducible).
     """
     _check_factors(A, B)
@@ -72,6 +76,7 @@ def rotate_rank(A: torch.Tensor, B: torch.Tensor, seed: int = 0) -> tuple[torch.
     gen = torch.Generator().manual_seed(seed)
     signs = (torch.randint(0, 2, (r,), generator=gen) * 2 - 1).to(torch.float64)
     A64, B64, d = A.double(), B.double(), signs.to(A.device)
-    AH = _hadamard_last(A64 * d)  # (A D) Had                          [m, r]
-    HtB = _hadamard_last((d[:, None] * B64).T).T  # Had^T (D B), Had symmetric  [r, n]
+    AH = _hadamard_last(A64 * d)  # A D H_1 H_2                                   [m, r]
+    # H^T B = H_2 H_1 D B (each H_k symmetric), i.e. (B^T D H_1 H_2)^T: the same transform on B^T.
+    HtB = _hadamard_last((d[:, None] * B64).T).T  # [r, n]
     return AH.to(A.dtype), HtB.to(B.dtype), signs.to(A.dtype)
