@@ -278,18 +278,23 @@ def _refit_codebooks(W, G, codebooks, codes, s, iters: int):
     used = d > 0
     Pinv = torch.where(used, 1.0 / d.clamp_min(1e-30), torch.zeros_like(d))
     C = codebooks.clone()
-    r = _adjoint((W @ G).reshape(N, J, g), codes, s, k) - hess(C)
+    b = _adjoint((W @ G).reshape(N, J, g), codes, s, k)
+    r = b - hess(C)
     z = Pinv * r
     p = z.clone()
     rz = (r * z).sum()
-    # Stop at a small relative residual: past it, rounding error grows along the null space (unused
-    # directions such as C_1 + u, C_2 - u) and CG drifts.
-    stop = rz * _CG_RTOL**2
+    # Stop at a small residual relative to the right-hand side (not to the warm start's residual,
+    # which may already be at rounding level): past it, rounding error grows along the null space
+    # (unused directions such as C_1 + u, C_2 - u) and CG drifts.
+    stop = (b * Pinv * b).sum() * _CG_RTOL**2
     for _ in range(iters):
         if not rz > stop:
             break
         Ap = hess(p)
-        alpha = rz / (p * Ap).sum().clamp_min(1e-30)
+        pAp = (p * Ap).sum()
+        if not pAp > 0:
+            break
+        alpha = rz / pAp
         C = C + alpha * p
         r = r - alpha * Ap
         z = Pinv * r
