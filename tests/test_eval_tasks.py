@@ -168,3 +168,28 @@ def test_text_only_model_refuses_image_tasks(tmp_path):
     mc = _write(tmp_path, "mc.jsonl", [{"question": "which animal ?", "options": ["cat", "dog"], "answer": 1}])
     out = run_mc(model, tokenizer, get_adapter(model), mc, max_new_tokens=2, progress=False)
     assert out["n"] == 1
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "idefics3"])
+def test_other_vlm_families(tmp_path, family):
+    # Images of two sizes in one batch; batched answers equal one-by-one answers; lmms log-likelihood runs.
+    from types import SimpleNamespace
+
+    from casp.eval.lmms_bridge import CaspLMMS
+
+    model, processor = build(family)
+    adapter = get_adapter(model)
+    make_image(0).save(tmp_path / "0.png")
+    make_image(1, size=56).save(tmp_path / "1.png")
+    questions = ["what color is the circle ?", "how many shapes are there ?", "is it red ?"]
+    lines = [{"image": f"{i % 2}.png", "question": q, "answers": ["red"]} for i, q in enumerate(questions)]
+    path = tmp_path / "vqa.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    batched = run_vqa(model, processor, adapter, path, batch_size=3, max_new_tokens=3, progress=False)
+    single = run_vqa(model, processor, adapter, path, batch_size=1, max_new_tokens=3, progress=False)
+    assert [p["prediction"] for p in batched["predictions"]] == [p["prediction"] for p in single["predictions"]]
+    lmm = CaspLMMS(model=model, processor=processor)
+    lmm.task_dict = {"t": {"s": [{"image": make_image(0)}]}}
+    request = SimpleNamespace(args=("what color ?", "red", lambda doc: [doc["image"]], 0, "t", "s"))
+    ((logprob, _),) = lmm.loglikelihood([request])
+    assert logprob < 0

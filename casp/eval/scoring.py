@@ -35,7 +35,8 @@ def continuation_logprob(
 
     ``prompt_inputs`` are the model inputs of the prompt alone, batch 1 (input_ids [1, T], and
     attention_mask / pixel_values / image_sizes... as the processor made them). The continuation ids
-    are appended to input_ids (and ones to the attention mask); other inputs pass through unchanged.
+    are appended to input_ids (ones to the attention mask, zeros to other per-token inputs such as
+    token type ids); image inputs pass through unchanged.
     """
     device = _model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -49,10 +50,13 @@ def continuation_logprob(
         else v
         for k, v in prompt_inputs.items()
     }
-    prompt_ids = inputs["input_ids"]  # [1, T]
-    inputs["input_ids"] = torch.cat([prompt_ids, cont], dim=1)  # [1, T + m]
-    if "attention_mask" in inputs:
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], dim=1)
+    prompt_shape = inputs["input_ids"].shape  # [1, T]
+    for key, value in inputs.items():
+        # Every per-token input grows with the continuation: ids, mask (ones), token types such as
+        # Qwen2-VL's mm_token_type_ids (zeros: the continuation is text).
+        if isinstance(value, torch.Tensor) and value.shape == prompt_shape and not value.is_floating_point():
+            fill = cont if key == "input_ids" else torch.full_like(cont, int(key == "attention_mask"))
+            inputs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)  # [1, T + m]
     logits = _logits(model(**inputs)).float()  # [1, T + m, V]
     pred = logits[0, -m - 1 : -1]  # position T-1+j predicts c_j; [m, V]
     logprobs = torch.log_softmax(pred, dim=-1)
