@@ -1,0 +1,143 @@
+"""Correctness of casp's Triton kernels for "uniform" weights against the torch path, on the GPU.
+
+Every kernel (gemv, tensor-core dot, dequantize + cuBLAS) and the dispatching ``casp.kernels.linear``
+are compared with ``UniformWeight.matmul`` (dequantize, then F.linear) and with an fp32 reference
+for: the 7B/13B layer shapes and odd shapes (partial last group, K not a multiple of 32, N not a
+multiple of the tile), bits 2/3/4/8, group 128 / per-channel / small odd groups, act-order on and
+off, fp16 and bf16 activations, with and without bias, batch 1 to 2048. Prints one line per case
+with the max abs error and fails (exit 1) if any relative error exceeds the dtype's tolerance or
+an output is not finite.
+
+    python benchmarks/gpu_check_kernels.py [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kernels import make_layer, precompile  # noqa: E402  (benchmarks/kernels.py)
+
+from casp import kernels  # noqa: E402
+from casp.kernels import triton_uniform as tu  # noqa: E402
+from casp.quant.linear import QuantLinear  # noqa: E402
+
+BIG = [(4096, 4096), (11008, 4096), (4096, 11008), (13824, 5120), (5120, 13824)]
+ODD = [(576, 576, 128), (1000, 200, 64), (33, 100, -1), (96, 4096, 48), (250, 1000, 128), (40, 72, 8)]
+# relative error ||y - ref|| / ||ref|| allowed: fp16/bf16 output rounding plus fp16 weights in the torch path
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def cases():
+    """(N, K, group, bits, act_order, dtype, M, path or None for dispatch, bias)."""
+    out = []
+    for N, K in BIG:
+        for bits in (2, 3, 4, 8):
+            for group in (128, -1):
+                act = group == 128 and bits in (2, 4)
+                for M in (1, 4, 16, 2048):
+                    out.append((N, K, group, bits, act, torch.float16, M, None, False))
+                out.append((N, K, group, bits, act, torch.float16, 16, "gemv", False))
+                out.append((N, K, group, bits, act, torch.float16, 4, "dot", False))
+    for N, K in BIG[1:2]:
+        for bits in (2, 3, 4):
+            for M in (1, 16, 2048):
+                out.append((N, K, 128, bits, True, torch.bfloat16, M, None, True))
+    for N, K, group in ODD:
+        for bits in (2, 3, 4, 8):
+            for dtype in (torch.float16, torch.bfloat16):
+                for M, path in ((1, None), (3, None), (16, None), (37, None), (100, None), (5, "gemv"), (5, "dot")):
+                    out.append((N, K, group, bits, bits == 3, dtype, M, path, M % 2 == 1))
+    return out
+
+
+def _warm(case) -> str:
+    N, K, group, bits, act, dtype, M, path, bias = case
+    group = K if group == -1 else group
+    G = -(-K // group)
+    qweight = torch.zeros(N, (K + 31) // 32 * bits, dtype=torch.int32, device="cuda")
+    scales = torch.ones(N, G, dtype=torch.float16, device="cuda")
+    zeros = torch.zeros(N, G, dtype=torch.float16, device="cuda")
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    b = torch.zeros(N, dtype=dtype, device="cuda") if bias else None
+    tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, b, path)
+    torch.cuda.synchronize()
+    return ""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--workers", type=int, default=14)
+    args = ap.parse_args()
+    all_cases = cases()
+    precompile(all_cases, args.workers, fn=_warm)
+    lines, fails, layers = [], 0, {}
+    worst = {}
+    for case in all_cases:
+        N, K, group, bits, act, dtype, M, path, use_bias = case
+        g = K if group == -1 else group
+        key = (N, K, g, bits, act)
+        if key not in layers:
+            layers.clear()
+            qw = make_layer(N, K, bits, g, "cuda", act_order=act, seed=N + K + bits)
+            layers[key] = (qw, qw.dequantize(torch.float32))
+        qw, W32 = layers[key]
+        torch.manual_seed(M + N)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        bias = torch.randn(N, device="cuda", dtype=dtype) if use_bias else None
+        if path is None:
+            y = kernels.linear(x, qw, bias)
+            name = f"dispatch:{tu.choose_path(M)}"
+        else:
+            perm = qw.perm
+            y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, perm, bits, g, bias, path)
+            name = path
+        # torch path, as UniformWeight.matmul: dequantize to the activation dtype, then F.linear
+        y_torch = torch.nn.functional.linear(x, W32.to(dtype)) + (0 if bias is None else bias)
+        ref = x.float() @ W32.T + (0 if bias is None else bias.float())
+        finite = bool(torch.isfinite(y).all())
+        rel = float((y.float() - ref).norm() / ref.norm())
+        rel_torch = float((y_torch.float() - ref).norm() / ref.norm())
+        err_torch = float((y.float() - y_torch.float()).abs().max())
+        ok = finite and y.dtype == dtype and y.shape == (M, N) and rel < TOL[dtype]
+        fails += not ok
+        wkey = (name.split(":")[-1], bits)
+        worst[wkey] = max(worst.get(wkey, 0.0), err_torch)
+        line = (
+            f"{'OK ' if ok else 'FAIL'} N={N:<5} K={K:<5} g={g:<5} b={bits} act={int(act)} {str(dtype)[6:]:>8} "
+            f"M={M:<4} {name:<16} bias={int(use_bias)} max|y-torch|={err_torch:.2e} rel={rel:.1e} "
+            f"(torch path rel={rel_torch:.1e})"
+        )
+        lines.append(line)
+        if not ok:
+            print(line, flush=True)
+    # the module wrapper goes through the same dispatch
+    qw = make_layer(576, 576, 2, 128, "cuda", act_order=True)
+    lin = QuantLinear.from_weight(qw, torch.randn(576, device="cuda", dtype=torch.float16))
+    x = torch.randn(2, 7, 576, device="cuda", dtype=torch.float16)
+    y = lin(x)
+    ref = qw.matmul(x) + lin.bias
+    ql_ok = y.shape == (2, 7, 576) and float((y - ref).abs().max()) < 1e-2
+    fails += not ql_ok
+    lines.append(f"{'OK ' if ql_ok else 'FAIL'} QuantLinear [2, 7, 576] through casp.kernels.linear")
+    summary = [
+        "worst max|y - torch path| per (path, bits): "
+        + ", ".join(f"{p}/{b}: {e:.2e}" for (p, b), e in sorted(worst.items()))
+    ]
+    summary.append(f"{len(all_cases) + 1 - fails} passed, {fails} failed")
+    print("\n".join(lines[-12:] + summary), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines + summary) + "\n")
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()

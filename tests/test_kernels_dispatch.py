@@ -1,0 +1,83 @@
+"""casp.kernels.linear on CPU: falls back to the torch path, matches it, and never needs Triton."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from casp import kernels
+from casp.quant.linear import QuantLinear
+from casp.quant.uniform import UniformWeight
+
+
+def _layer(N=24, K=72, bits=3, group=32, act_order=True, seed=0) -> UniformWeight:
+    g = torch.Generator().manual_seed(seed)
+    G = -(-K // group)
+    codes = torch.randint(0, 1 << bits, (N, K), generator=g)
+    scales = (torch.rand(N, G, generator=g) * 0.05 + 0.01).half()
+    zeros = torch.randint(0, 1 << bits, (N, G), generator=g).half()
+    perm = torch.randperm(K, generator=g) if act_order else None
+    return UniformWeight.from_codes(codes, scales, zeros, bits, group, perm)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cpu_linear_is_torch_path(bits, act_order):
+    qw = _layer(bits=bits, act_order=act_order, seed=bits)
+    x = torch.randn(2, 5, 72)
+    bias = torch.randn(24)
+    assert kernels.kernel_for(x, qw) is None
+    y = kernels.linear(x, qw, bias)
+    assert torch.equal(y, qw.matmul(x) + bias)
+    # ...which is x W^T with W the dense weight in the original input order
+    ref = x.double() @ qw.dequantize(torch.float64).T + bias.double()
+    assert torch.allclose(y.double(), ref, atol=1e-4)
+    assert torch.equal(kernels.linear(x, qw), qw.matmul(x))
+
+
+def test_cpu_half_and_bf16_activations_fall_back():
+    qw = _layer()
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(3, 72, dtype=dtype)
+        assert kernels.kernel_for(x, qw) is None
+        y = kernels.linear(x, qw, torch.randn(24))
+        assert y.dtype == dtype and y.shape == (3, 24)
+
+
+def test_quant_linear_forward_uses_dispatch():
+    qw = _layer(bits=2, act_order=True)
+    lin = QuantLinear.from_weight(qw, torch.randn(24))
+    x = torch.randn(4, 72)
+    assert torch.equal(lin(x), kernels.linear(x, lin.quantized_weight(), lin.bias))
+
+
+def test_gpu_dispatch_needs_cuda_half_uniform():
+    """kernel_for only picks the Triton kernel for CUDA fp16/bf16 activations of a uniform weight."""
+    qw = _layer()
+    x32 = torch.randn(1, 72)
+    assert kernels.kernel_for(x32, qw) is None  # CPU
+    if torch.cuda.is_available():
+        assert kernels.kernel_for(x32.cuda(), qw) is None  # fp32 activations: torch path
+        if kernels.triton_available():
+            assert kernels.kernel_for(x32.cuda().half(), qw) == "triton_uniform"
+
+
+def test_import_and_cpu_call_without_triton():
+    """With triton unimportable, casp.kernels imports and the CPU path runs; the Triton module is never loaded."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from casp import kernels\n"
+        "from tests.test_kernels_dispatch import _layer\n"
+        "qw = _layer()\n"
+        "x = torch.randn(2, 72)\n"
+        "assert torch.equal(kernels.linear(x, qw), qw.matmul(x))\n"
+        "assert 'casp.kernels.triton_uniform' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
