@@ -1,0 +1,63 @@
+"""The eval/report subcommand parsers and handlers (what casp/cli.py wires in)."""
+
+import argparse
+import json
+
+import pytest
+
+from casp.eval.cli import add_eval_parser, add_report_parser
+from casp.eval.errors import EvalError
+from tests.fixtures import make_image, make_tiny
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="casp")
+    sub = parser.add_subparsers(dest="command")
+    add_eval_parser(sub)
+    add_report_parser(sub)
+    return parser
+
+
+def test_eval_then_report(tmp_path, capsys):
+    model_dir = make_tiny("llava", tmp_path / "model")
+    make_image(0).save(tmp_path / "0.png")
+    (tmp_path / "vqa.jsonl").write_text(
+        json.dumps({"image": "0.png", "question": "what color ?", "answers": ["red"]})
+        + "\n"
+        + json.dumps({"image": "gone.png", "question": "what color ?", "answers": ["red"]})
+        + "\n"
+    )
+    (tmp_path / "wiki.txt").write_text("the red circle is left of the blue square . " * 10)
+    out = tmp_path / "results.json"
+    args = _parser().parse_args(
+        [
+            "eval",
+            str(model_dir),
+            "--task",
+            f"vqa:{tmp_path / 'vqa.jsonl'}",
+            "--task",
+            f"ppl:{tmp_path / 'wiki.txt'}",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "2",
+            "--ppl-max-length",
+            "16",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "vqa:vqa.jsonl acc:" in printed and "ppl:wiki.txt ppl:" in printed and "vqa.jsonl:2: image" in printed
+    report = tmp_path / "report.html"
+    args = _parser().parse_args(["report", str(out), "--out", str(report)])
+    assert args.func(args) == 0 and "ppl:wiki.txt ppl" in report.read_text()
+
+
+def test_eval_bad_task_is_one_line_error(tmp_path):
+    args = _parser().parse_args(["eval", str(tmp_path), "--task", "vqa", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(EvalError, match="KIND:FILE") as info:
+        args.func(args)
+    assert "\n" not in str(info.value)
