@@ -433,13 +433,13 @@ class QuantizedKVCache(Cache):
         tokens, class maps and masks (each distinct tensor once)."""
         return unique_nbytes(self.tensors())
 
-    def fp16_equivalent_bytes(self) -> int:
-        """Bytes the same tokens would take in a plain fp16 (DynamicCache) cache."""
+    def dense_bytes(self) -> int:
+        """Bytes the same tokens would take in a plain (DynamicCache) cache of the model's dtype."""
         total = 0
         for layer in self.layers:
             if layer.is_initialized:
                 b, h, _, d = layer.keys.shape
-                total += 2 * b * h * layer.get_seq_length() * d * 2
+                total += 2 * b * h * layer.get_seq_length() * d * layer.keys.element_size()
         return total
 
 

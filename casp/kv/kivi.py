@@ -108,8 +108,11 @@ class UniformKVCache(AKVQCache):
         bits: int = 2,
         group: int = 128,
         residual: int = 128,
+        block: int = 32,
         clip: float | None = None,
         adapter=None,
     ):
-        config = AKVQConfig(bits=bits, group=group, residual=residual, clip=clip, rotate=False, tsa=False, psa=False)
+        config = AKVQConfig(
+            bits=bits, group=group, residual=residual, block=block, clip=clip, rotate=False, tsa=False, psa=False
+        )
         super().__init__(model, config, adapter)
