@@ -26,6 +26,9 @@ from casp.eval.metrics import (
         ("an apple, a pear", "apple pear"),
         ("none", "0"),
         ("left\nside", "left side"),
+        ("3:30", "3:30"),  # ":" and "%" are not in the VQA punctuation set
+        ("50%", "50%"),
+        ("a/b", "b"),  # "/" inside a word -> space, then the article "a" goes
     ],
 )
 def test_normalize_answer(raw, expected):

@@ -1,17 +1,17 @@
 """Answer normalization and scoring for VQA and multiple choice.
 
-Normalization follows the standard VQA evaluation (Antol et al. 2015, the official ``vqaEval.py``)
-in spirit: lowercase, punctuation removed (commas inside numbers and periods not part of a decimal
-dropped; other punctuation dropped at word edges and turned into a space inside a word, so
-``t-shirt`` -> ``t shirt``), number words ``zero``..``ten`` -> digits, articles ``a an the`` removed,
-whitespace collapsed. Both predictions and ground-truth answers go through the same function, so
-apostrophes are simply removed on both sides (``don't`` and ``dont`` compare equal).
+Normalization follows the standard VQA evaluation (Antol et al. 2015, the official ``vqaEval.py``):
+lowercase; its punctuation set removed (commas inside numbers and periods not part of a decimal
+dropped; other marks dropped at word edges and turned into a space inside a word, so ``t-shirt`` ->
+``t shirt``; characters outside that set, such as ``:`` and ``%``, kept); number words
+``zero``..``ten`` -> digits; articles ``a an the`` removed; whitespace collapsed. Predictions and
+ground-truth answers go through the same function, so apostrophes are simply removed on both sides
+(``don't`` and ``dont`` compare equal) instead of the official contraction table.
 """
 
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Sequence
 from itertools import combinations
 
@@ -32,8 +32,10 @@ _NUMBER_WORDS = {
 _ARTICLES = {"a", "an", "the"}
 _NUMBER_COMMA = re.compile(r"(?<=\d),(?=\d)")  # "1,000" -> "1000"
 _NON_DECIMAL_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a period survives only as a decimal point
-_INNER_PUNCT = re.compile(r"(?<=\w)[^\w\s.](?=\w)")  # punctuation between two word characters
-_PUNCT = "".join(c for c in string.punctuation if c != ".")
+# The punctuation the official VQA evaluation strips; others (":", "%", "$", "&", "#", ...) are kept,
+# so "3:30" and "50%" stay answers of their own.
+_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
+_INNER_PUNCT = re.compile(rf"(?<=\w)[{re.escape(_PUNCT)}](?=\w)")  # between two word characters -> space
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
