@@ -17,8 +17,9 @@ Alternating minimization, until the relative improvement of L drops below ``tole
        f(v') = s^2 v'^T G_jj v' - 2 s v'^T (g_j + s G_jj v)
    (exactly L's change, all other groups fixed). Each step is a [N, beam, 2^B] score matrix, all
    rows at once. With ``beam_size`` > 1 the M codebooks of a group are searched by beam search
-   (keep the ``beam_size`` best partial code tuples, as AQLM does); beam 1 is greedy coordinate
-   descent. L never increases. 65536-entry codebooks (1x16) are scored in row chunks.
+   (keep the ``beam_size`` best partial code tuples, as AQLM does; tuples reached twice are not
+   merged, so duplicates may occupy beam slots); beam 1 is greedy coordinate descent. L never
+   increases. 65536-entry codebooks (1x16) are scored in row chunks.
 3. Scales: closed form per row, s_n = (W_n G V_n^T) / (V_n G V_n^T) with V the unscaled sums.
 4. Codebooks: L is quadratic in (C_1..C_M); solved by ``cg_iters`` steps of Jacobi-preconditioned
    conjugate gradient on the normal equations A^T(A(C) G) = A^T(W G) (A: codebooks -> W_hat),
