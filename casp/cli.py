@@ -40,6 +40,37 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    import torch
+
+    from casp.compress import compress
+    from casp.config import CompressionConfig
+
+    options = {}
+    if args.act_order is not None:
+        options["act_order"] = args.act_order == "on"
+    cfg = CompressionConfig(
+        method=args.method, quantizer=args.quantizer, bits=args.bits, group_size=args.group_size,
+        alloc=args.alloc or ("optimal" if args.method == "casp" else "uniform"),
+        candidate_bits=tuple(int(b) for b in args.candidate_bits.split(",")), rank_ratio=args.rank_ratio,
+        ranks=args.ranks, vision=args.vision, quant_options=options, samples=args.samples,
+        max_length=args.max_length, seed=args.seed)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    report = compress(args.model, args.out, cfg, calib=args.calib, device=_device(args.device), dtype=dtype,
+                      resume=args.resume).report
+    print(f"compressed {len(report['layers'])} linears to {report['avg_bits_per_original_param']:.3f} bits per "
+          f"original parameter ({report['compressed_linear_bytes'] / 1e6:.2f} MB vs "
+          f"{report['fp16_linear_bytes'] / 1e6:.2f} MB fp16) in {report['seconds']:.1f}s; wrote {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from casp.generate import generate_from_dir
+
+    print(generate_from_dir(args.model, args.prompt, args.image, args.max_new_tokens, _device(args.device), args.kv))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="casp",
@@ -59,6 +90,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mass", type=float, default=0.95, help="attention mass a row's density covers (default 0.95)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compress", help="compress a model (RTN/GPTQ/AQLM/QuIP#, plain or CASP) into a casp dir",
+                       description="Quantize every linear of the language model (and optionally the vision tower) "
+                       "layer by layer. --method casp first replaces q_proj/k_proj by whitened low-rank factors, "
+                       "then allocates bits per layer (knapsack) to meet --bits on average, overheads counted.")
+    p.add_argument("model", help="local model directory")
+    p.add_argument("--out", required=True, help="output directory (a casp checkpoint)")
+    p.add_argument("--method", choices=["plain", "casp"], default="plain",
+                   help="plain: quantization only; casp: low-rank Q/K + bit allocation (default plain)")
+    p.add_argument("--quantizer", choices=["rtn", "gptq", "aqlm", "quip"], default="gptq", help="default gptq")
+    p.add_argument("--bits", type=float, default=4, help="uniform: code bits 2/3/4/8; optimal: target average bits "
+                   "per original parameter with overheads, e.g. 2.25 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="quantization group (0 = per channel; default 128)")
+    p.add_argument("--alloc", choices=["uniform", "optimal"], default=None,
+                   help="bit allocation (default: optimal with --method casp, else uniform)")
+    p.add_argument("--candidate-bits", default="2,3,4", help="bit widths the allocator chooses from (default 2,3,4)")
+    p.add_argument("--rank-ratio", type=float, default=0.25, help="share of Q/K parameters kept (default 0.25)")
+    p.add_argument("--ranks", choices=["fixed", "adaptive"], default="fixed",
+                   help="fixed: r = mn*ratio/(m+n); adaptive: per layer from attention density (same budget)")
+    p.add_argument("--vision", choices=["skip", "quantize"], default="skip", help="quantize the vision tower too")
+    p.add_argument("--act-order", choices=["on", "off"], default=None, help="GPTQ act-order (default on)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype the model is loaded in (default float32)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _add_calib_options(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("generate", help="generate text with a model or casp checkpoint",
+                       description="Greedy generation from a prompt (and an image, for vision-language models).")
+    p.add_argument("model", help="model directory (original or casp-compressed)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", default=None, help="image file (VLMs only)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--kv", choices=["fp16", "akvq", "kivi"], default="fp16", help="KV cache (default fp16)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -49,13 +49,15 @@ def _ids(tok) -> dict:
                 pad_token_id=tok.pad_token_id)
 
 
-def build(family: str, num_layers: int = 2):
-    """(model, processor) of a tiny random model of ``family``."""
+def build(family: str, num_layers: int = 2, hidden: int = 32):
+    """(model, processor) of a tiny random model of ``family`` (text hidden size ``hidden``, 4 heads)."""
     import transformers as tf
 
     torch.manual_seed(0)
     tok = make_tokenizer()
-    text = dict(TEXT, num_hidden_layers=num_layers, **_ids(tok))
+    text = dict(TEXT, num_hidden_layers=num_layers, hidden_size=hidden, intermediate_size=2 * hidden, **_ids(tok))
+    head_dim = hidden // 4
+    mrope = [head_dim // 8, head_dim // 8, head_dim // 2 - 2 * (head_dim // 8)]
     image_id = tok.convert_tokens_to_ids("<image>")
     clip = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=2, image_size=32, patch_size=8)
@@ -85,8 +87,8 @@ def build(family: str, num_layers: int = 2):
             from casp.models.qwen2_vl import Qwen2VLInputBuilder
 
             cfg = tf.Qwen2VLConfig(
-                text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-                vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": mrope}),
+                vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
                                    spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
                 image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
                 vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
@@ -109,10 +111,10 @@ def build(family: str, num_layers: int = 2):
     raise ValueError(f"unknown family {family}")
 
 
-def make_tiny(family: str, directory: str | Path, num_layers: int = 2) -> Path:
+def make_tiny(family: str, directory: str | Path, num_layers: int = 2, hidden: int = 32) -> Path:
     """Save a tiny random model of ``family`` (with its processor) into ``directory``; return the path."""
     directory = Path(directory)
-    model, processor = build(family, num_layers=num_layers)
+    model, processor = build(family, num_layers=num_layers, hidden=hidden)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

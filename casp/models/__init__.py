@@ -48,6 +48,9 @@ def read_config(model_dir: str | Path) -> dict:
     if not path.is_dir():
         raise ModelLoadError(f"model directory {str(path)!r} does not exist; pass a local model directory")
     config_file = path / "config.json"
+    if not config_file.is_file() and (path / ".casp_partial").is_dir():
+        raise ModelLoadError(f"{str(path)!r} holds an unfinished casp compression (no config.json yet); finish it "
+                             "with the same 'casp compress ... --out DIR --resume' command")
     if not config_file.is_file():
         raise ModelLoadError(
             f"{str(path)!r} has no config.json; pass a Hugging Face model directory "

@@ -1,0 +1,55 @@
+"""Text generation with any supported model (original or casp-compressed), optionally on a quantized KV cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from casp.errors import CaspError
+from casp.models import load_model
+
+
+def open_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise CaspError(f"image {str(path)!r} not found")
+    # PIL reports unreadable files only by raising; translate at this boundary.
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError:
+        raise CaspError(f"{str(path)!r} is not a readable image (PNG/JPEG/...)") from None
+
+
+@torch.no_grad()
+def generate(model, processor, adapter, prompts: list[str], images: list | None = None, max_new_tokens: int = 32,
+             past_key_values=None) -> list[str]:
+    """Greedy continuation of each prompt (with its image, for VLMs); returns only the new text."""
+    if images is not None and not adapter.is_multimodal:
+        raise CaspError(f"this is a text-only {adapter.family} model; drop --image")
+    inputs = adapter.build_inputs(processor, prompts, images).to(next(model.parameters()).device)
+    kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
+    tokenizer = getattr(processor, "tokenizer", processor)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, **kwargs)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_tokens: int = 32,
+                      device: str = "cpu", kv: str = "fp16") -> str:
+    model, processor, adapter = load_model(model_dir, device=device)
+    images = [open_image(image)] if image else None
+    cache = make_cache(kv, model)
+    return generate(model, processor, adapter, [prompt], images, max_new_tokens, cache)[0]
+
+
+def make_cache(kind: str, model):
+    """A KV cache by name: fp16 (transformers' default), akvq (AKVQ-VL 2-bit), kivi (KIVI 2-bit)."""
+    if kind == "fp16":
+        return None
+    from casp import kv
+
+    return kv.make_cache(kind, model)
