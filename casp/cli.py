@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", choices=["fp16", "akvq", "kivi"], default="fp16", help="KV cache (default fp16)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
+
+    from casp.eval.cli import add_eval_parser, add_report_parser
+
+    add_eval_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

@@ -86,26 +86,7 @@ def analyze(model_dir: str | Path, calib: str | Path, out_dir: str | Path, confi
 
 
 def plot_density(layers: list[dict], path: Path) -> None:
-    import matplotlib
+    from casp.formats.atomic import atomic_write_bytes
+    from casp.report.plots import attention_density
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    idx = [row["layer"] for row in layers]
-    for key, label in (("density", "all rows"), ("density_image_rows", "image-token rows"),
-                       ("density_text_rows", "text-token rows")):
-        values = [row[key] for row in layers]
-        if any(v is not None for v in values):
-            ax.plot(idx, [float("nan") if v is None else v for v in values], marker="o", label=label)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("attention density (95% mass)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, attention_density(layers) or b"")
