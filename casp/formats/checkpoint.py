@@ -111,8 +111,11 @@ def save_compressed(model: nn.Module, processor, adapter: ModelAdapter, out_dir:
         "format_version": FORMAT_VERSION,
         "casp_version": casp.__version__,
         "family": adapter.family,
+        "method": cfg.method,
+        "quantizer": cfg.quantizer,
+        "group_size": cfg.group_size,
+        "avg_bits": report.get("avg_bits_per_original_param"),
         "recipe": cfg.to_dict(),
-        "avg_bits_per_original_param": report.get("avg_bits_per_original_param"),
         "layers": layers,
     }
     atomic_write_json(out_dir / "config.json", config)  # last: marks the checkpoint complete
