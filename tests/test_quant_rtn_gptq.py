@@ -44,7 +44,7 @@ def reference_gptq(W, G, bits, gs, damp, act_order):
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(K)
     W, H = W[:, perm], H[perm][:, perm]
     H = H + damp * H.diagonal().mean() * torch.eye(K, dtype=H.dtype)
     Q, codes = torch.zeros_like(W), torch.zeros_like(W)

@@ -111,7 +111,7 @@ def quantize_gptq(W: torch.Tensor, G: torch.Tensor, cfg: GPTQConfig | None = Non
 
     perm = None
     if cfg.act_order:  # columns with the most input energy first, while many columns remain to absorb errors
-        perm = torch.argsort(H.diagonal(), descending=True)
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     d = H.diagonal().clone()  # weights of the clipping search
     Hinv, damp_used = inverse_cholesky(H, cfg.damp)  # [K, K] upper

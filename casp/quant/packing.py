@@ -8,7 +8,7 @@ b = 2, 4, 8 no code straddles two words; for b = 3 codes 10 and 21 of each 32 do
 
 Both directions work on chunks of 32 codes <-> b words at once: position i (0..31) of a chunk
 starts at bit i*b, i.e. in word (i*b)//32 at shift (i*b)%32, spilling its high bits into the next
-word when shift + b > 32. Arithmetic runs in int64 so uint32 values never overflow.
+word when shift + b > 32. Packing sums uint32 contributions in int64; unpacking masks in int32.
 """
 
 from __future__ import annotations
@@ -77,10 +77,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
             f"packed codes have {n_words} words per row, but K={K} at {bits} bits needs {packed_words(K, bits)}"
         )
     chunks = n_words // bits
-    w = (packed.to(torch.int64) & 0xFFFFFFFF).view(N, chunks, bits)  # [N, C, bits] as uint32 values
+    w = packed.view(N, chunks, bits)  # [N, C, bits]
     word, shift, spill = _chunk_layout(bits, packed.device)
-    lo = w[..., word] >> shift  # [N, C, 32]
+    # Stays in int32: masks are applied before any bit could reach the sign (no overflow), and after
+    # the arithmetic right shift (which copies the sign bit down).
+    n_lo = torch.clamp(_WORD - shift, max=bits)  # bits of the code in its own word
+    shift, lo_mask, hi_mask = (t.to(torch.int32) for t in (shift, (1 << n_lo) - 1, (1 << (bits - n_lo)) - 1))
+    lo = (w[..., word] >> shift) & lo_mask  # [N, C, 32]
     nxt = w[..., torch.where(spill, word + 1, word)]
-    hi = torch.where(spill, nxt << torch.where(spill, _WORD - shift, 0), 0)
-    codes = (lo | hi) & ((1 << bits) - 1)
-    return codes.view(N, chunks * _WORD)[:, :K].to(torch.uint8)
+    hi = (nxt & hi_mask) << n_lo.to(torch.int32)  # spilled high bits (0 where nothing spills)
+    return (lo | hi).view(N, chunks * _WORD)[:, :K].to(torch.uint8)
