@@ -71,6 +71,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from casp.demo.run import run_demo
+
+    run_demo(args.out, quick=args.quick, model_dir=args.model, device=_device(args.device))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="casp",
@@ -126,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", choices=["fp16", "akvq", "kivi"], default="fp16", help="KV cache (default fp16)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the whole job offline on the bundled demo VLM: compress, evaluate, report",
+                       description="Generate the synthetic world's data, compress the bundled demo LLaVA model "
+                       "with RTN, GPTQ and CASP+GPTQ at ~2.25 bits, evaluate fp16 and each on held-out VQA, "
+                       "captions (CIDEr) and perplexity, print the table and write OUT/report.html.")
+    p.add_argument("--quick", action="store_true", help="smaller data and fewer methods (a few minutes on CPU)")
+    p.add_argument("--out", default="casp-demo", help="output directory (default ./casp-demo)")
+    p.add_argument("--model", default=None, help="use another LLaVA-format model directory instead of the bundled one")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_demo)
 
     from casp.eval.cli import add_eval_parser, add_report_parser
 
