@@ -308,3 +308,26 @@ def test_ablation_is_config_flags_of_one_class():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AKVQConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["tsa", "kivi"])
+def test_sliced_dequantization_matches_one_shot(kind):
+    def make():
+        if kind == "kivi":
+            from casp.kv.kivi import KIVILayer
+
+            return KIVILayer(KIVIConfig(residual=8, group=8), 16)
+        layer = AKVQLayer(AKVQConfig(bits=2, salient_bits=4, residual=8, block=8), "tsa", True, 16)
+        image = torch.zeros(2, 48, dtype=torch.bool)
+        image[0, 4:30] = True
+        image[1, 13:21] = True
+        layer.image_mask = image
+        return layer
+
+    one, sliced = make(), make()
+    sliced.dequant_slice = 2 * 2 * 16 * 8  # a few tokens per slice, not aligned with the class runs
+    _, _, k1, v1 = run_layer(one)
+    _, _, k2, v2 = run_layer(sliced)
+    assert one.stored == 40
+    torch.testing.assert_close(k1, k2, atol=0, rtol=0)
+    torch.testing.assert_close(v1, v2, atol=0, rtol=0)

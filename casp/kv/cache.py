@@ -156,12 +156,13 @@ def unique_nbytes(tensors) -> int:
 
 class WindowedQuantLayer(CacheLayerMixin):
     """One layer's cache: an fp16 recent window (``self.keys``/``self.values`` [B, H, W, d]) in front of a
-    quantized store of older tokens that subclasses define through ``_store`` and ``_load``.
+    quantized store of older tokens that subclasses define through ``_store`` and ``_load_into``.
     """
 
     is_compileable = False
     is_sliding = False
     is_croppable = False
+    dequant_slice = 1 << 24  # dequantize about this many elements at once into the output K/V
 
     def __init__(self, residual: int, block: int):
         super().__init__()
@@ -174,8 +175,9 @@ class WindowedQuantLayer(CacheLayerMixin):
         """Quantize tokens [start, start + n) given as [B, H, n, d]."""
         raise NotImplementedError
 
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized stored tokens [B, H, stored, d]."""
+    def _load_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the dequantized stored tokens into ``keys``/``values`` [B, H, stored, d] (views of the
+        output), a slice of tokens at a time so that temporaries stay small."""
         raise NotImplementedError
 
     def _select_store(self, index: torch.Tensor) -> None:
@@ -196,12 +198,15 @@ class WindowedQuantLayer(CacheLayerMixin):
         """Append [B, H, T, d] states; return all keys/values (old ones dequantized, new ones exact)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        parts_k, parts_v = [self.keys, key_states], [self.values, value_states]
-        if self.stored:
-            old_k, old_v = self._load()
-            parts_k.insert(0, old_k)
-            parts_v.insert(0, old_v)
-        out_k, out_v = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+        # One output buffer per call, as DynamicLayer's cat makes; the packed store is decoded into it.
+        b, h, t, d = key_states.shape
+        s, w = self.stored, self.keys.shape[-2]
+        out_k = key_states.new_empty(b, h, s + w + t, d)
+        out_v = value_states.new_empty(b, h, s + w + t, value_states.shape[-1])
+        if s:
+            self._load_into(out_k[:, :, :s], out_v[:, :, :s])
+        out_k[:, :, s : s + w], out_v[:, :, s : s + w] = self.keys, self.values
+        out_k[:, :, s + w :], out_v[:, :, s + w :] = key_states, value_states
         self.length += key_states.shape[-2]
         window_k = torch.cat([self.keys, key_states], dim=-2)
         window_v = torch.cat([self.values, value_states], dim=-2)
@@ -380,20 +385,26 @@ class AKVQLayer(WindowedQuantLayer):
             self.k_rows[c], self.v_rows[c] = new_k, new_v
         self.token_class = cls if self.token_class is None else torch.cat([self.token_class, cls])
 
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         s, b = self.token_class.shape
-        h, d = self.keys.shape[1], self.keys.shape[-1]
-        outs = []
-        for rows, rotate in ((self.k_rows, self.rotate_keys), (self.v_rows, self.rotate_values)):
-            if len(rows) == 1:  # one class holds every token: no scatter
-                (only,) = rows.values()
-                out = self._decode(only, rotate).view(s, b, h, d)
-            else:
-                out = torch.empty(s, b, h, d, dtype=self.dtype, device=self.device)
+        h, d = keys.shape[1], keys.shape[-1]
+        step = max(1, self.dequant_slice // (b * h * d))  # tokens per slice
+        targets = ((keys.permute(2, 0, 1, 3), self.k_rows, self.rotate_keys),)  # [S, B, H, d] views
+        targets += ((values.permute(2, 0, 1, 3), self.v_rows, self.rotate_values),)
+        # Row offsets of each class at every token position: rows of tokens [s0, s1) are contiguous.
+        offsets = {c: [0, *(self.token_class == c).sum(dim=1).cumsum(0).tolist()] for c in self.k_rows}
+        for s0 in range(0, s, step):
+            s1 = min(s, s0 + step)
+            for out, rows, rotate in targets:
                 for c, r in rows.items():
-                    out[self.token_class == c] = self._decode(r, rotate)
-            outs.append(out.permute(1, 2, 0, 3))  # [B, H, S, d]
-        return outs[0], outs[1]
+                    lo, hi = offsets[c][s0], offsets[c][s1]
+                    if hi == lo:
+                        continue
+                    part = self._decode(_slice_rows(r, lo, hi), rotate)
+                    if hi - lo == (s1 - s0) * b:  # every token of the slice is in this class
+                        out[s0:s1] = part.view(s1 - s0, b, h, d)
+                    else:
+                        out[s0:s1][self.token_class[s0:s1] == c] = part
 
     def _select_store(self, index: torch.Tensor) -> None:
         for c in list(self.k_rows):
@@ -415,6 +426,12 @@ class AKVQLayer(WindowedQuantLayer):
 
 def _cat(a, b):
     return PackedKV.cat([a, b]) if isinstance(a, PackedKV) else torch.cat([a, b])
+
+
+def _slice_rows(rows, lo: int, hi: int):
+    if isinstance(rows, PackedKV):
+        return PackedKV(rows.codes[lo:hi], rows.scale[lo:hi], rows.zero[lo:hi], rows.bits)
+    return rows[lo:hi]
 
 
 def _take(rows, index: torch.Tensor):

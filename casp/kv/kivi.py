@@ -75,8 +75,22 @@ class KIVILayer(WindowedQuantLayer):
         self.qkeys = qk if self.qkeys is None else PackedKV.cat([self.qkeys, qk], dim=-1)
         self.qvalues = qv if self.qvalues is None else PackedKV.cat([self.qvalues, qv], dim=2)
 
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return dequantize_per_channel(self.qkeys, self.dtype), dequantize(self.qvalues, self.dtype)
+    def _load_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        b, h, s, d = keys.shape
+        g = self.config.group
+        step = max(1, self.dequant_slice // (b * h * d * g)) * g  # whole key groups per slice
+        for t0 in range(0, s, step):
+            t1 = min(s, t0 + step)
+            qk, qv = self.qkeys, self.qvalues
+            k_part = PackedKV(
+                qk.codes[..., t0 // g : t1 // g, :],
+                qk.scale[..., t0 // g : t1 // g],
+                qk.zero[..., t0 // g : t1 // g],
+                qk.bits,
+            )
+            v_part = PackedKV(qv.codes[:, :, t0:t1], qv.scale[:, :, t0:t1], qv.zero[:, :, t0:t1], qv.bits)
+            keys[:, :, t0:t1] = dequantize_per_channel(k_part, self.dtype)
+            values[:, :, t0:t1] = dequantize(v_part, self.dtype)
 
     def _select_store(self, index: torch.Tensor) -> None:
         self.qkeys, self.qvalues = self.qkeys.select(index), self.qvalues.select(index)

@@ -121,7 +121,8 @@ def quantize_tokens(x: torch.Tensor, bits: int, group: int, clip: float | None =
     s = torch.maximum(s, floor).clamp_min(_ABS_SCALE_FLOOR)
     # Round the scale *up* to fp16: then (c - a) / s <= 2^n - 1 and the s/2 error bound holds exactly.
     s16 = s.to(torch.float16)
-    s16 = torch.where(s16.float() < s, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
+    # s16 > 0, so the next fp16 up is the bit pattern + 1 (no nextafter: not every device has it for half).
+    s16 = torch.where(s16.float() < s, (s16.view(torch.int16) + 1).view(torch.float16), s16)
     s = s16.float()
     z = -torch.round(a / s)
     q = torch.clamp(torch.round(xg / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, qmax).to(torch.uint8)

@@ -1,0 +1,386 @@
+"""KV-cache benchmark: fp16 vs AKVQ-VL vs KIVI vs uniform 2-bit (and the AKVQ-VL ablation).
+
+(a) Accuracy (functions the lead wires to the demo model and a real LM):
+    ``answer_accuracy(model, processor, adapter, data, methods)``  greedy answers per cache method:
+        exact match / VQA accuracy against references, token agreement with the fp16 cache, KV bytes;
+    ``continuation_nll(model, prefix_inputs, continuation_ids, make_cache)``  mean NLL of a
+        continuation fed token by token, so every token attends over the (quantized) cache: the
+        perplexity view of KV quantization.
+    CPU run on a random LLaMA (the code path; numbers are not meaningful for quality):
+        python benchmarks/kv_cache.py --cpu-smoke --out benchmarks/results/kv_cache_cpu_smoke.txt
+
+(b) Efficiency, ``--gpu``: a LLaVA-1.5-7B-shaped language model (LlamaConfig hidden 4096, 32 layers,
+    32 heads, intermediate 11008) with random fp16 weights; prompts of ``--prompt-len`` tokens whose
+    positions [5, 5 + 576) are marked as image tokens (what LLaVA's projector output occupies); greedy
+    generation of ``--gen`` tokens. For fp16 (DynamicCache) and AKVQ-VL 2-bit: peak memory at a fixed
+    batch, the largest batch before CUDA out-of-memory (doubling, then bisection), tokens/s at that batch.
+        python benchmarks/kv_cache.py --gpu --out benchmarks/results/kv_cache_h100.txt
+    The torch path dequantizes every layer's whole cache at every step (no fused kernel yet), so
+    AKVQ-VL's tokens/s here is a lower bound; its memory numbers are the real packed storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+# Run as a script, this folder leads sys.path and benchmarks/kernels.py would shadow the `kernels`
+# package that transformers probes at import time: drop the folder (casp comes from the install / PYTHONPATH).
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from casp.kv import AKVQCache, AKVQConfig, KIVICache, KIVIConfig, ablation_configs  # noqa: E402
+from casp.models import get_adapter  # noqa: E402
+
+CacheFactory = Callable[[], object]
+
+
+# ---- methods ---------------------------------------------------------------------------------------
+
+
+def cache_methods(model, adapter, profile=None, bits: int = 2, ablation: bool = True) -> dict[str, CacheFactory]:
+    """name -> zero-argument factory of a fresh cache. 'fp16' is transformers' DynamicCache."""
+    methods: dict[str, CacheFactory] = {
+        "fp16": lambda: DynamicCache(),
+        f"kivi-{bits}bit": lambda: KIVICache(model, KIVIConfig(bits=bits), adapter),
+    }
+    configs = ablation_configs(bits, profile=profile)
+    names = list(configs) if ablation else ["uniform", "+PSA"]
+    for name in names:
+        label = {"uniform": f"uniform-{bits}bit", "+PSA": f"akvq-{bits}bit"}.get(name, f"akvq {name}")
+        methods[label] = lambda cfg=configs[name]: AKVQCache(model, cfg, adapter)
+    return methods
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a cache holds: memory_bytes() for casp caches, the key/value tensors of a DynamicCache."""
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes()
+    return sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
+
+
+# ---- (a) accuracy ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model,
+    processor,
+    adapter,
+    data: list[dict],
+    methods: dict[str, CacheFactory],
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+) -> dict[str, dict]:
+    """Greedy answers with each cache method on ``data`` rows {"image": PIL.Image | None, "question": str,
+    "answers": [str]}; returns per method: exact_match, vqa_accuracy, agreement (share of generated tokens
+    equal to the first method's, normally fp16) and kv_bytes (summed over batches)."""
+    from casp.eval.metrics import exact_match, vqa_accuracy
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    results, reference = {}, None
+    for name, make in methods.items():
+        em = acc = agree = 0.0
+        n_tok, kv_bytes, generated = 0, 0, []
+        for start in range(0, len(data), batch_size):
+            rows = data[start : start + batch_size]
+            images = [r.get("image") for r in rows]
+            inputs = adapter.build_inputs(processor, [r["question"] for r in rows], None if None in images else images)
+            cache = make()
+            out = model.generate(
+                **inputs,
+                past_key_values=cache,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, inputs["input_ids"].shape[1] :]
+            kv_bytes += cache_bytes(cache)
+            generated.append(new)
+            for row, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                em += exact_match(text, row["answers"])
+                acc += vqa_accuracy(text, row["answers"])
+        if reference is not None:
+            for mine, ref in zip(generated, reference):
+                width = min(mine.shape[1], ref.shape[1])
+                agree += float((mine[:, :width] == ref[:, :width]).sum())
+                n_tok += mine.shape[0] * width
+        else:
+            reference = generated
+        results[name] = {
+            "exact_match": em / len(data),
+            "vqa_accuracy": acc / len(data),
+            "agreement": 1.0 if n_tok == 0 else agree / n_tok,
+            "kv_bytes": kv_bytes,
+        }
+    return results
+
+
+@torch.no_grad()
+def continuation_nll(model, prefix_inputs: dict, continuation_ids: torch.Tensor, make_cache: CacheFactory) -> float:
+    """Mean NLL (nats/token) of ``continuation_ids`` [1, n] after ``prefix_inputs`` (batch 1), fed one token
+    at a time through a fresh cache from ``make_cache`` so that each token attends over the cached past."""
+    cache = make_cache()
+    logits = model(**prefix_inputs, past_key_values=cache).logits[:, -1]
+    nll = 0.0
+    n = continuation_ids.shape[1]
+    for t in range(n):
+        target = continuation_ids[:, t]
+        nll += float(torch.nn.functional.cross_entropy(logits.float(), target))
+        if t + 1 < n:
+            logits = model(input_ids=continuation_ids[:, t : t + 1], past_key_values=cache).logits[:, -1]
+    return nll / n
+
+
+def perplexity_table(model, adapter, input_ids: torch.Tensor, prefix: int, methods: dict[str, CacheFactory]):
+    """Perplexity of input_ids[:, prefix:] given input_ids[:, :prefix] under each cache method."""
+    return {
+        name: math.exp(continuation_nll(model, {"input_ids": input_ids[:, :prefix]}, input_ids[:, prefix:], make))
+        for name, make in methods.items()
+    }
+
+
+# ---- (b) efficiency ----------------------------------------------------------------------------------
+
+
+def llava7b_language_model(
+    device: torch.device, layers: int = 32, hidden: int = 4096, heads: int = 32, inter: int = 11008, vocab: int = 32064
+):
+    """LLaVA-1.5-7B's language model shape with random fp16 weights (std 0.02), built on ``device``."""
+    config = tf.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+    )
+    config._attn_implementation = "sdpa"
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = tf.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def generate_once(model, make_cache, batch: int, prompt_len: int, gen: int, image_span: tuple[int, int]) -> dict:
+    """One greedy generation of ``gen`` tokens for a batch; returns time, peak memory, cache bytes."""
+    device = model.device
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
+    mask = torch.zeros(batch, prompt_len, dtype=torch.bool, device=device)
+    mask[:, image_span[0] : image_span[1]] = True
+    cache = make_cache()
+    if isinstance(cache, AKVQCache):
+        cache.prepare(image_mask=mask)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=gen,
+        min_new_tokens=gen,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    sync(device)
+    seconds = time.perf_counter() - t0
+    result = {
+        "batch": batch,
+        "seconds": seconds,
+        "tokens_per_s": batch * (out.shape[1] - prompt_len) / seconds,
+        "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+        "cache_gb": cache_bytes(cache) / 2**30,
+    }
+    del out, cache
+    return result
+
+
+def try_batch(model, make_cache, batch, prompt_len, gen, image_span) -> dict | None:
+    """generate_once, or None on CUDA out-of-memory (memory is released before returning)."""
+    device = model.device
+    result = None
+    try:
+        result = generate_once(model, make_cache, batch, prompt_len, gen, image_span)
+    except torch.cuda.OutOfMemoryError:
+        result = None  # the exception (and the frames holding tensors) is gone once we leave this block
+    free(device)
+    return result
+
+
+def describe(batch: int, r: dict | None) -> str:
+    if r is None:
+        return f"  batch {batch}: OOM"
+    return f"  batch {batch}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_gb']:.1f} GB"
+
+
+def max_batch(model, make_cache, prompt_len, gen, image_span, start: int, cap: int, log) -> dict | None:
+    """Largest batch (to within 1/16) that generates without OOM: doubling from ``start``, then bisection."""
+    best, lo, hi = None, 0, None
+    b = start
+    while b <= cap:
+        r = try_batch(model, make_cache, b, prompt_len, gen, image_span)
+        log(describe(b, r))
+        if r is None:
+            hi = b
+            break
+        best, lo = r, b
+        b *= 2
+    if hi is None:
+        return best
+    while hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        r = try_batch(model, make_cache, mid, prompt_len, gen, image_span)
+        log(describe(mid, r))
+        if r is None:
+            hi = mid
+        else:
+            best, lo = r, mid
+    return best
+
+
+def efficiency(args, log) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    shape = dict(layers=2, hidden=256, heads=2, inter=512, vocab=512) if args.cpu_smoke else {}
+    model = llava7b_language_model(device, **shape)
+    adapter = get_adapter(model)
+    image_span = (5, min(5 + args.image_tokens, args.prompt_len))
+    methods = {
+        "fp16": lambda: DynamicCache(),
+        "akvq-2bit": lambda: AKVQCache(model, AKVQConfig(bits=2), adapter),
+    }
+    rows = {}
+    for name, make in methods.items():
+        log(f"{name}: fixed batch {args.batch}")
+        fixed = try_batch(model, make, args.batch, args.prompt_len, args.gen, image_span)
+        log(f"{name}: searching the largest batch")
+        top = max_batch(model, make, args.prompt_len, args.gen, image_span, args.batch, args.max_batch, log)
+        rows[name] = {"fixed": fixed, "max": top}
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": tf.__version__,
+        "prompt_len": args.prompt_len,
+        "image_tokens": image_span[1] - image_span[0],
+        "gen": args.gen,
+        "batch": args.batch,
+        "model": "LLaVA-1.5-7B language model shape, random fp16" if not args.cpu_smoke else "tiny random (smoke)",
+        "methods": rows,
+    }
+
+
+def efficiency_table(res: dict) -> str:
+    lines = [
+        f"device {res['device']}, torch {res['torch']}, transformers {res['transformers']}; {res['model']}",
+        f"prompt {res['prompt_len']} tokens ({res['image_tokens']} image positions), {res['gen']} generated",
+        "",
+        f"| cache | peak GB @ batch {res['batch']} | cache GB @ {res['batch']} | tok/s @ {res['batch']} "
+        "| max batch | peak GB @ max | tok/s @ max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res["methods"].items():
+        f, m = r["fixed"] or {}, r["max"] or {}
+        lines.append(
+            f"| {name} | {f.get('peak_gb', float('nan')):.2f} | {f.get('cache_gb', float('nan')):.3f} "
+            f"| {f.get('tokens_per_s', float('nan')):.0f} | {m.get('batch', 'OOM')} "
+            f"| {m.get('peak_gb', float('nan')):.2f} | {m.get('tokens_per_s', float('nan')):.0f} |"
+        )
+    fp, ak = res["methods"].get("fp16", {}), res["methods"].get("akvq-2bit", {})
+    if fp.get("max") and ak.get("max"):
+        lines.append("")
+        lines.append(
+            f"AKVQ-VL vs fp16: {ak['max']['batch'] / fp['max']['batch']:.2f}x batch, "
+            f"{ak['max']['tokens_per_s'] / fp['max']['tokens_per_s']:.2f}x tokens/s at the max batch"
+        )
+    if fp.get("fixed") and ak.get("fixed"):
+        lines.append(
+            f"peak memory at batch {res['batch']}: {fp['fixed']['peak_gb'] / ak['fixed']['peak_gb']:.2f}x lower; "
+            f"cache alone {fp['fixed']['cache_gb'] / ak['fixed']['cache_gb']:.2f}x smaller"
+        )
+    return "\n".join(lines)
+
+
+# ---- CPU smoke of the accuracy functions -------------------------------------------------------------
+
+
+def accuracy_smoke(log) -> dict:
+    """The accuracy functions on a random LLaMA with head dim 128 (code path only)."""
+    torch.manual_seed(0)
+    model = llava7b_language_model(torch.device("cpu"), layers=4, hidden=256, heads=2, inter=512, vocab=512)
+    adapter = get_adapter(model)
+    ids = torch.randint(3, 512, (1, 420))
+    methods = cache_methods(model, adapter)
+    return {"perplexity (random model, prefix 300, 120 decoded)": perplexity_table(model, adapter, ids, 300, methods)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="efficiency run on a LLaVA-1.5-7B-shaped model (CUDA)")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of every code path")
+    p.add_argument("--prompt-len", type=int, default=600)
+    p.add_argument("--image-tokens", type=int, default=576)
+    p.add_argument("--gen", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16, help="fixed batch for the peak-memory comparison")
+    p.add_argument("--max-batch", type=int, default=2048, help="upper limit of the batch search")
+    p.add_argument("--out", default=None, help="write the table here (and the raw numbers next to it as .json)")
+    args = p.parse_args(argv)
+    if not (args.gpu or args.cpu_smoke):
+        p.error("choose --gpu or --cpu-smoke (the accuracy functions are imported by the lead's runners)")
+    if args.gpu and not torch.cuda.is_available():
+        p.error("--gpu needs CUDA")
+    if args.cpu_smoke:
+        args.prompt_len, args.image_tokens, args.gen = min(args.prompt_len, 200), min(args.image_tokens, 150), 8
+        args.batch, args.max_batch = 2, min(args.max_batch, 8)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    res = efficiency(args, log)
+    text = efficiency_table(res)
+    if args.cpu_smoke:
+        acc = accuracy_smoke(log)
+        res["accuracy_smoke"] = acc
+        for title, table in acc.items():
+            text += f"\n\n{title}\n" + "\n".join(f"  {k:>16}: {v:.3f}" for k, v in table.items())
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+            json.dump(res, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
