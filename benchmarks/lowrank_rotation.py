@@ -10,7 +10,7 @@ B's outputs B G B^T) and measure the relative output error of the product on hel
 for the factor conditionings: none (raw whitened factors), the official code's x10 / x0.1 rescale,
 balanced, rotated, balanced + rotated. "floor" is the error of the unquantized A B (truncation only).
 
-    python benchmarks/lowrank_rotation.py --out benchmarks/results/lowrank_rotation.txt
+    PYTHONPATH=. python benchmarks/lowrank_rotation.py --out benchmarks/results/lowrank_rotation.txt
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         with open(args.out, "w") as fh:
-            fh.write("command: python " + " ".join(sys.argv) + "\n")
+            fh.write("command: PYTHONPATH=. python " + " ".join(sys.argv) + "\n")
             fh.write(
                 "error = ||(W - Â B̂) X^T||_F^2 / ||W X^T||_F^2 on held-out tokens (mean over seeds); "
                 "floor = unquantized A B\n\n"

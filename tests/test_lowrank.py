@@ -13,6 +13,7 @@ from casp.lowrank import (
     LowRankLinear,
     adaptive_ranks,
     balance_factors,
+    condition_factors,
     fixed_rank,
     hadamard_ranges,
     normalized_errors,
@@ -273,3 +274,11 @@ def test_lowrank_linear_with_quantized_factors():
     assert (mod.in_features, mod.rank, mod.out_features) == (32, 8, 16)
     x = torch.randn(4, 32)
     assert torch.allclose(mod(x), dense(x), rtol=0.05, atol=0.05)
+
+
+def test_condition_factors_default_keeps_product():
+    A, B = lowrank_pair(r=6)
+    A2, B2 = condition_factors(A, B, seed=1)
+    assert torch.allclose(A2 @ B2, A @ B, rtol=1e-10, atol=1e-10)
+    A3, B3 = condition_factors(A, B, balance=False, rotate=False)
+    assert torch.equal(A3, A) and torch.equal(B3, B)

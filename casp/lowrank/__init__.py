@@ -3,7 +3,7 @@
 The algorithms live in whiten.py, ranks.py and balance.py; module.py holds the thin two-linear module.
 """
 
-from casp.lowrank.balance import balance_factors, hadamard_ranges, official_rescale, rotate_rank
+from casp.lowrank.balance import balance_factors, condition_factors, hadamard_ranges, official_rescale, rotate_rank
 from casp.lowrank.module import LowRankLinear
 from casp.lowrank.ranks import adaptive_ranks, density_weights, fixed_rank, max_useful_rank, normalized_errors
 from casp.lowrank.whiten import (
@@ -23,6 +23,7 @@ __all__ = [
     "Whitening",
     "adaptive_ranks",
     "balance_factors",
+    "condition_factors",
     "density_weights",
     "fixed_rank",
     "max_useful_rank",
