@@ -51,6 +51,8 @@ def test_config_presets_and_validation():
     assert [c.label() for c in cands] == ["aqlm-2x8", "aqlm-2x12", "aqlm-4x8"]
     assert [c.bits for c in cands] == [2, 3, 4] and all(c.beam_size == 4 for c in cands)
     assert AQLMConfig.preset("2x8").to_dict()["num_codebooks"] == 2
+    assert AQLMConfig.preset("2x8", seed=5).replace(bits=3).label() == "aqlm-2x12"
+    assert AQLMConfig.preset("2x8").replace(num_codebooks=1, bits=None).label() == "aqlm-1x8"
 
 
 def test_beam_search_with_full_width_is_the_exact_group_optimum():

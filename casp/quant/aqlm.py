@@ -125,6 +125,12 @@ class AQLMConfig(QuantConfig):
         M, B = PRESETS[name]
         return cls(num_codebooks=M, codebook_bits=B, **kw)
 
+    def replace(self, **changes: Any) -> AQLMConfig:
+        """Like dataclasses.replace; a new ``bits`` alone picks that bit width's preset codebooks."""
+        if "bits" in changes and "num_codebooks" not in changes and "codebook_bits" not in changes:
+            changes = {**changes, "num_codebooks": None, "codebook_bits": None}
+        return dataclasses.replace(self, **changes)
+
     def candidates(self, bits: tuple[int, ...] = (2, 3, 4)) -> list[QuantConfig]:
         """One config per bit width for the allocator: 2 -> 2x8, 3 -> 2x12, 4 -> 4x8 (1 -> 1x8).
 
@@ -132,11 +138,7 @@ class AQLMConfig(QuantConfig):
         bit/weight on a 4096x4096 layer) and its search is 128x cheaper; 2x12 at 3 bits as in the
         CASP paper's code. Search settings (beam, iterations, seed) are kept.
         """
-        return [
-            dataclasses.replace(self, bits=None, num_codebooks=BITS_PRESET[b][0], codebook_bits=BITS_PRESET[b][1])
-            for b in bits
-            if b in BITS_PRESET
-        ]
+        return [self.replace(bits=b) for b in bits if b in BITS_PRESET]
 
     def label(self) -> str:
         return f"aqlm-{self.num_codebooks}x{self.codebook_bits}"
