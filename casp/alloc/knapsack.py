@@ -182,8 +182,8 @@ def _lagrange(errors, costs, budget: float, iters: int = 100) -> list[int]:
 def _fill_greedy(errors, costs, budget: float, choice: list[int]) -> list[int]:
     """Spend the slack on the single-layer switch with the best error drop per extra bit, while any fits."""
     choice = list(choice)
-    slack = budget - total_cost(costs, choice)
     while True:
+        slack = budget - total_cost(costs, choice)  # recomputed, so float drift never lets a move overshoot
         best_gain, best_move = 0.0, None
         for li, (e, c) in enumerate(zip(errors, costs)):
             j0 = choice[li]
@@ -197,5 +197,4 @@ def _fill_greedy(errors, costs, budget: float, choice: list[int]) -> list[int]:
         if best_move is None:
             return choice
         li, j = best_move
-        slack -= costs[li][j] - costs[li][choice[li]]
         choice[li] = j
