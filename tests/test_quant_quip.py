@@ -88,6 +88,8 @@ def test_quip_data_free_and_shapes():
     qw = quantize_quip(W, None, QuIPConfig(bits=2, seed=3))
     assert qw.shape == (40, 96)
     assert output_error(W, qw.dequantize(), None) < 0.15
+    zero = quantize_quip(torch.zeros(8, 16), None, QuIPConfig())
+    assert zero.dequantize().abs().max() < 1e-3
     with pytest.raises(QuantizationError, match="multiple of 8"):
         quantize_quip(torch.randn(8, 12), None, QuIPConfig())
 

@@ -40,6 +40,7 @@ from casp.quant.e8p import CODE_DIM, e8p_decode, e8p_encode, e8p_source
 # generator): grid 3.0-5.0 gave the lowest error at 4.0 for 3 bits and 3.5 for 4 bits; likewise
 # scale_mult 1.0 was best of 0.8-1.2 at 2 bits (0.00707 vs 0.00782 at 0.9, 0.0110 at 0.8).
 RESID_SCALE = {3: 4.0, 4: 3.5}
+_FP16_TINY = torch.finfo(torch.float16).tiny
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +144,9 @@ def quantize_quip(W: torch.Tensor, G: torch.Tensor | None, cfg: QuIPConfig) -> Q
     dead = H.diagonal() <= 0
     H[dead, dead] = 1.0
 
-    rms = Wr.pow(2).mean(dim=1).sqrt().clamp_min(1e-8)
-    scales = (cfg.scale_mult * rms).to(torch.float16)  # fp16 first: stored scales reproduce exactly
+    rms = Wr.pow(2).mean(dim=1).sqrt()
+    # fp16 first, so the stored scales reproduce exactly; kept >= the smallest normal fp16 (zero rows)
+    scales = (cfg.scale_mult * rms).clamp(min=_FP16_TINY, max=torch.finfo(torch.float16).max).to(torch.float16)
     Z = Wr / scales.float()[:, None]
 
     L = torch.linalg.cholesky(H)
