@@ -26,6 +26,11 @@ Alternating minimization, until the relative improvement of L drops below ``tole
    warm-started from the current codebooks. Matrix-free: each step is one gather, one [N,K]x[K,K]
    matmul and one scatter-add. Unused codewords keep their values.
 
+Stored (format "aqlm"): codes [N, K/g, M] as uint8 when B <= 8, else int16 holding the uint16 bit
+pattern (read back as ``codes.int() & 0xFFFF``); codebooks fp16 [M, 2^B, g]; scales fp16 [N].
+After the last round the codebooks are rounded to fp16 and the scales refit against them, so the
+stored tensors are exactly what was optimized.
+
 Block-wise fine-tuning of codebooks/scales against the fp16 block outputs (AQLM's "global" step)
 is not implemented here: it needs the model, so it belongs in the calibration driver.
 """
