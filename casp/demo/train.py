@@ -96,15 +96,29 @@ def pad_left(seqs: list[list[int]], value: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def train_batch(
-    encoder: TurnEncoder, seed: int, start: int, batch: int, max_turns: int, cfg: world.WorldConfig
+    encoder: TurnEncoder,
+    seed: int,
+    start: int,
+    batch: int,
+    max_turns: int,
+    cfg: world.WorldConfig,
+    min_text_tokens: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Examples ``start .. start+batch`` of the train split (stream ``seed``) as padded arrays."""
+    """Examples ``start .. start+batch`` of the train split (stream ``seed``) as padded arrays.
+
+    A conversation gets turns until its text (all but the image tokens) reaches ``min_text_tokens``
+    or it has ``max_turns`` turns: sequences come out of similar length, so little of a batch is
+    padding, and each image's encoding is supervised by several answers.
+    """
     images, ids, labels = [], [], []
     for i in range(start, start + batch):
         rng = world.example_rng("train", seed, i)
         scene = world.sample_scene(rng, cfg)
-        turns = [world.make_turn(scene, rng) for _ in range(int(rng.integers(1, max_turns + 1)))]
+        turns = [world.make_turn(scene, rng)]
         x, y = encoder.conversation(turns)
+        while len(turns) < max_turns and len(x) - encoder.num_image_tokens < min_text_tokens:
+            turns.append(world.make_turn(scene, rng))
+            x, y = encoder.conversation(turns)
         images.append(world.render(scene, cfg))
         ids.append(x)
         labels.append(y)
@@ -120,9 +134,9 @@ def train_batch(
 class TrainStream(torch.utils.data.IterableDataset):
     """Endless training batches; each DataLoader worker draws its own seed stream."""
 
-    def __init__(self, tokenizer, num_image_tokens: int, seed: int, batch: int, max_turns: int):
+    def __init__(self, tokenizer, num_image_tokens: int, seed: int, batch: int, max_turns: int, min_text: int):
         self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
-        self.seed, self.batch, self.max_turns = seed, batch, max_turns
+        self.seed, self.batch, self.max_turns, self.min_text = seed, batch, max_turns, min_text
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -130,7 +144,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         encoder = TurnEncoder(self.tokenizer, self.num_image_tokens)
         start = 0
         while True:
-            yield train_batch(encoder, stream, start, self.batch, self.max_turns, world.WorldConfig())
+            yield train_batch(encoder, stream, start, self.batch, self.max_turns, world.WorldConfig(), self.min_text)
             start += self.batch
 
 
@@ -224,7 +238,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.02
     warmup: int = 300
     weight_decay: float = 0.05
-    max_turns: int = 4
+    max_turns: int = 6
+    min_text_tokens: int = 100
     max_minutes: float = 0.0  # 0 = no time cap
     eval_every: int = 500
     eval_n: int = 240
@@ -268,15 +283,50 @@ def save_atomic(model, processor, out: Path, log: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train(out: Path, tc: TrainConfig, device: str, model_cfg: DemoModelConfig | None = None) -> dict:
-    """Train a demo model per ``tc`` on ``device``, save it to ``out``, score it; returns the log."""
+def _sizes_of(model) -> dict:
+    """DemoModelConfig fields read back from a loaded model's config."""
+    v, t = model.config.vision_config, model.config.text_config
+    return {
+        "image_size": v.image_size, "patch_size": v.patch_size, "vision_hidden": v.hidden_size,
+        "vision_layers": v.num_hidden_layers, "vision_heads": v.num_attention_heads,
+        "vision_intermediate": v.intermediate_size, "text_hidden": t.hidden_size,
+        "text_layers": t.num_hidden_layers, "text_heads": t.num_attention_heads,
+        "text_kv_heads": t.num_key_value_heads, "text_intermediate": t.intermediate_size,
+    }  # fmt: skip
+
+
+def _summary(log: dict | None) -> dict | None:
+    """The parts of an earlier training log worth carrying into a continued run's log."""
+    if log is None:
+        return None
+    keys = ("command", "device", "train_config", "steps", "examples_seen", "train_seconds", "final_eval", "init")
+    return {k: log.get(k) for k in keys}
+
+
+def train(
+    out: Path, tc: TrainConfig, device: str, model_cfg: DemoModelConfig | None = None, init: Path | None = None
+) -> dict:
+    """Train a demo model per ``tc`` on ``device``, save it to ``out``, score it; returns the log.
+
+    ``init``: continue from a saved demo checkpoint (its weights and processor) instead of a fresh
+    random model; ``model_cfg`` is then ignored.
+    """
     model_cfg = model_cfg or DemoModelConfig()
     t_start = time.time()
     torch.manual_seed(tc.seed)
-    model, processor = build_demo_model(model_cfg, seed=tc.seed)
+    prior = None
+    if init is not None:
+        model, processor = load_demo_model(init, dtype=torch.float32)
+        model_cfg = dataclasses.replace(model_cfg, **_sizes_of(model))
+        if (init / "training_log.json").is_file():
+            prior = json.loads((init / "training_log.json").read_text())
+    else:
+        model, processor = build_demo_model(model_cfg, seed=tc.seed)
     n_params = sum(p.numel() for p in model.parameters())
     workers = tc.workers if tc.workers >= 0 else max(0, min(12, (os.cpu_count() or 1) - 2))
-    stream = TrainStream(processor.tokenizer, model_cfg.num_image_tokens, tc.seed, tc.batch, tc.max_turns)
+    stream = TrainStream(
+        processor.tokenizer, model_cfg.num_image_tokens, tc.seed, tc.batch, tc.max_turns, tc.min_text_tokens
+    )
     # Workers are forked before CUDA is initialized in this process.
     loader = torch.utils.data.DataLoader(
         stream,
@@ -360,6 +410,7 @@ def train(out: Path, tc: TrainConfig, device: str, model_cfg: DemoModelConfig | 
         "examples_seen": step * tc.batch,
         "train_seconds": round(train_seconds, 1),
         "final_loss_ema": loss_ema,
+        "init": None if init is None else {"path": str(init), "prior": _summary(prior)},
         "history": history,
         "loss_curve": losses,
     }
@@ -374,7 +425,11 @@ def train(out: Path, tc: TrainConfig, device: str, model_cfg: DemoModelConfig | 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m casp.demo.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    ap.add_argument("--out", type=Path, help="checkpoint directory to write")
+    ap.add_argument("--init", type=Path, help="continue training from this saved demo checkpoint")
+    ap.add_argument("--eval", type=Path, help="only score this saved checkpoint (--final-eval-n questions)")
+    ap.add_argument("--min-text-tokens", type=int, default=TrainConfig.min_text_tokens)
+    ap.add_argument("--max-turns", type=int, default=TrainConfig.max_turns)
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--batch", type=int, default=TrainConfig.batch)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
@@ -390,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda requested but CUDA is not available; use --device cpu")
+    if args.eval is not None:
+        dtype = torch.float16 if args.device == "cuda" else torch.float32
+        print(json.dumps(evaluate_checkpoint(args.eval, args.final_eval_n, args.device, dtype), indent=1))
+        return 0
+    if args.out is None:
+        ap.error("--out DIR is required to train")
     try:
         tc = TrainConfig(
             steps=args.steps,
@@ -402,11 +463,13 @@ def main(argv: list[str] | None = None) -> int:
             final_eval_n=args.final_eval_n,
             workers=args.workers,
             seed=args.seed,
+            max_turns=args.max_turns,
+            min_text_tokens=args.min_text_tokens,
         )
         model_cfg = DemoModelConfig(**json.loads(args.model))
     except (ValueError, TypeError) as e:
         ap.error(str(e))
-    log = train(args.out, tc, args.device, model_cfg)
+    log = train(args.out, tc, args.device, model_cfg, init=args.init)
     fe = log["final_eval"]
     print(
         f"saved {args.out}: {log['steps']} steps in {log['train_seconds']}s; "
