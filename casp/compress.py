@@ -84,8 +84,13 @@ def _linear_weight(module: nn.Linear, device) -> tuple[torch.Tensor, torch.Tenso
     return module.weight.detach().to(device).float(), bias
 
 
+def _svd_dtype(device) -> torch.dtype:
+    # float64 on CPU (exactness, small models); float32 on GPUs, where float64 SVD is many times slower.
+    return torch.float32 if torch.device(device).type == "cuda" else torch.float64
+
+
 def _lowrank_factors(W: torch.Tensor, G: torch.Tensor, rank: int, balance: bool):
-    factors = whitened_lowrank(W, G, rank)
+    factors = whitened_lowrank(W, G, rank, dtype=_svd_dtype(W.device))
     A, B = factors.A.float(), factors.B.float()
     if balance:
         A, B = balance_factors(A, B)
@@ -103,7 +108,7 @@ def stats_pass(model, adapter, block_inputs, cfg: CompressionConfig, device) -> 
         grams = ctx.grams(LOWRANK_NAMES[:1])  # q and k read the same input
         for name in LOWRANK_NAMES:
             W, _ = _linear_weight(ctx.block.get_submodule(name), device)
-            spectra.append(whitened_spectrum(W, grams[LOWRANK_NAMES[0]]).cpu())
+            spectra.append(whitened_spectrum(W, grams[LOWRANK_NAMES[0]], dtype=_svd_dtype(device)).cpu())
             shapes.append(tuple(W.shape))
             names.append(f"{adapter.block_prefix(ctx.index)}.{name}")
 
@@ -226,22 +231,41 @@ def compress(
     resume: bool = False,
 ) -> CompressionResult:
     """Compress the model in ``model_dir`` into ``out_dir``; returns the compressed model and the report."""
+    needs_data = cfg.quantizer != "rtn" or cfg.method == "casp" or cfg.alloc == "optimal"
+    if needs_data and calib is None:
+        raise ValueError(f"--calib is required for --quantizer {cfg.quantizer} / --method {cfg.method} / "
+                         f"--alloc {cfg.alloc}; pass a calibration .jsonl or .txt")
+    data = load_calibration(calib, cfg.samples, cfg.seed) if calib is not None else None  # fail fast
+    eager = cfg.method == "casp"
+    model, processor, adapter = load_model(model_dir, dtype=dtype, attn_implementation="eager" if eager else None)
+    inputs = encode_samples(data.samples, processor, adapter, cfg.max_length) if data else []
+    if not inputs:  # data-free RTN still walks the blocks once; one text sample drives it
+        inputs = [dict(adapter.build_inputs(processor, ["calibration"], None))]
+    return compress_model(model, adapter, inputs, out_dir, cfg, processor=processor, device=device, resume=resume,
+                          source=str(model_dir))
+
+
+def compress_model(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    inputs: list[dict],
+    out_dir: str | Path,
+    cfg: CompressionConfig,
+    processor=None,
+    device: str = "cpu",
+    resume: bool = False,
+    source: str = "",
+) -> CompressionResult:
+    """Compress an already loaded model (kept on CPU; blocks visit ``device`` one at a time).
+
+    ``inputs``: calibration batches ready for ``model(**batch)``. For --method casp the model must use eager
+    attention (attention maps are measured).
+    """
     from casp.formats.checkpoint import load_block, save_block, save_compressed
 
     t0 = time.time()
     out_dir = Path(out_dir)
     partial = out_dir / PARTIAL
-    needs_data = cfg.quantizer != "rtn" or cfg.method == "casp" or cfg.alloc == "optimal"
-    if needs_data and calib is None:
-        raise ValueError(f"--calib is required for --quantizer {cfg.quantizer} / --method {cfg.method} / "
-                         f"--alloc {cfg.alloc}; pass a calibration .jsonl or .txt")
-    data = load_calibration(calib, cfg.samples, cfg.seed) if calib is not None else None
-    eager = cfg.method == "casp"
-    model, processor, adapter = load_model(model_dir, dtype=dtype, attn_implementation="eager" if eager else None)
-    inputs = encode_samples(data.samples, processor, adapter, cfg.max_length) if data else []
-    if not inputs:  # data-free RTN still walks the blocks once; one dummy text sample drives it
-        inputs = [dict(adapter.build_inputs(processor, ["calibration"], None))]
-
     plan_path = partial / "plan.json"
     if resume and plan_path.is_file():
         saved = json.loads(plan_path.read_text())
@@ -271,7 +295,7 @@ def compress(
 
     run_layerwise(model, adapter, block_inputs, on_block, device=device, start=start, replay=replay,
                   desc="compress")
-    report = build_report(model_dir, cfg, plan, records, time.time() - t0, resumed_from=start)
+    report = build_report(source, cfg, plan, records, time.time() - t0, resumed_from=start)
     save_compressed(model, processor, adapter, out_dir, cfg, report)
     return CompressionResult(model.eval(), processor, adapter, report)
 
