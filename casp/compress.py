@@ -35,7 +35,7 @@ from casp.calib.runner import BlockContext, capture_block_inputs, run_layerwise
 from casp.config import CompressionConfig
 from casp.formats import modules as table
 from casp.formats.atomic import atomic_write_json
-from casp.lowrank.balance import balance_factors
+from casp.lowrank.balance import condition_factors
 from casp.lowrank.module import LowRankLinear
 from casp.lowrank.ranks import adaptive_ranks, fixed_rank
 from casp.lowrank.whiten import whitened_lowrank, whitened_spectrum
@@ -89,11 +89,11 @@ def _svd_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cuda" else torch.float64
 
 
-def _lowrank_factors(W: torch.Tensor, G: torch.Tensor, rank: int, balance: bool):
+def _lowrank_factors(W: torch.Tensor, G: torch.Tensor, rank: int, cfg: CompressionConfig):
+    """Whitened factors, conditioned for quantization (balanced + rotated by default; product unchanged)."""
     factors = whitened_lowrank(W, G, rank, dtype=_svd_dtype(W.device))
-    A, B = factors.A.float(), factors.B.float()
-    if balance:
-        A, B = balance_factors(A, B)
+    A, B = condition_factors(factors.A.float(), factors.B.float(), balance=cfg.balance_factors,
+                             rotate=cfg.rotate_factors, seed=cfg.seed)
     return A, B, factors
 
 
@@ -131,7 +131,7 @@ def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: di
 
     def measure(full: str, W: torch.Tensor, G: torch.Tensor) -> None:
         if full in ranks:
-            A, B, _ = _lowrank_factors(W, G, ranks[full], cfg.balance_factors)
+            A, B, _ = _lowrank_factors(W, G, ranks[full], cfg)
             per_layer.append(factor_sensitivity(A, B, G, candidates, quantize))
         else:
             per_layer.append(layer_sensitivity(W, G, candidates, quantize))
@@ -165,7 +165,7 @@ def compress_linear(W, bias, G, full: str, plan: Plan, cfg: CompressionConfig) -
     """Compress one linear (dense or low-rank) with its planned setting; returns (module, record)."""
     qcfg = plan.config_for(full)
     if full in plan.ranks:
-        A, B, factors = _lowrank_factors(W, G, plan.ranks[full], cfg.balance_factors)
+        A, B, factors = _lowrank_factors(W, G, plan.ranks[full], cfg)
         qB = quantize(B, G, qcfg)
         B_hat = qB.dequantize(torch.float32).to(W.device)
         qA = quantize(A, B_hat @ G @ B_hat.T, qcfg)  # A reads the quantized B's outputs

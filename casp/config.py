@@ -31,7 +31,8 @@ class CompressionConfig:
     rank_ratio: float = 0.25
     ranks: str = "fixed"
     vision: str = "skip"
-    balance_factors: bool = True
+    balance_factors: bool = True  # match the norms of A's columns and B's rows before quantizing
+    rotate_factors: bool = True  # randomized Hadamard of the rank dimension (measured: lowrank_rotation.txt)
     true_sequential: bool = True
     quant_options: dict = dataclasses.field(default_factory=dict)  # extra fields of the quantizer's config
     samples: int = 32
