@@ -43,10 +43,12 @@ ROTATE_BYTES = 200e6  # > 160 MB: weights stream from HBM, not L2
 
 C = tu.KernelConfig
 SWEEP = {
-    "gemv": [C(16, 256, 4), C(32, 256, 4), C(64, 256, 4), C(32, 512, 4), C(64, 512, 8), C(128, 256, 8),
-             C(16, 512, 4), C(128, 128, 4)],
-    "dot": [C(32, 128, 4), C(64, 128, 4), C(64, 256, 4), C(128, 128, 8)],
-    "dequant": [C(32, 256, 4, 1), C(64, 128, 4, 1), C(16, 512, 4, 1)],
+    "gemv": [C(16, 512, 4, split=1), C(16, 512, 4, split=2), C(16, 512, 4, split=4), C(16, 512, 4, split=8),
+             C(32, 512, 4, split=4), C(8, 512, 4, split=4), C(8, 1024, 4, split=2), C(16, 256, 4, split=4),
+             C(16, 1024, 8, split=4), C(32, 256, 4, split=8)],
+    "dot": [C(32, 128, 4, split=1), C(32, 128, 4, split=2), C(32, 128, 4, split=4), C(32, 128, 4, split=8),
+            C(64, 128, 4, split=4), C(16, 256, 4, split=4), C(32, 256, 8, split=4)],
+    "dequant": [C(32, 256, 4, 1)],
 }  # fmt: skip
 
 
@@ -152,12 +154,8 @@ def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool):
     uc, _ = tu.unit_geometry(bits)
     if not sweep:
         return [tu.pick_config(path, bits, N, K, M)]
-    out = []
-    for c in SWEEP[path]:
-        if c.bk >= uc:
-            bm = tu.default_config(path, bits, N, K, M).bm
-            out.append(tu.KernelConfig(c.bn, c.bk, c.num_warps, c.num_stages, bm))
-    return out
+    bm = tu.default_config(path, bits, N, K, M).bm
+    return [c.replace(bm=bm) for c in SWEEP[path] if c.bk >= uc]
 
 
 def paths_for(M: int, sweep: bool) -> list[str]:
@@ -182,6 +180,7 @@ def main() -> None:
     ap.add_argument("--bits", default=None, help="e.g. 2,4")
     ap.add_argument("--batches", default=None, help="e.g. 1,16")
     ap.add_argument("--workers", type=int, default=14)
+    ap.add_argument("--sweep-log", default=None, help="with --sweep: write every config's time here")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     bits_list = [int(b) for b in args.bits.split(",")] if args.bits else BITS
@@ -213,7 +212,7 @@ def main() -> None:
         f"{'TB/s':>6} {'%peak':>6} {'%copy':>6} {'err_torch':>9} {'err_fp32':>9} {'rel':>8}",
     ]
     print("\n".join(lines), flush=True)
-    tuned = {}
+    tuned, sweep_log = {}, []
     for N, K in shapes:
         torch.manual_seed(0)
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(N * K * 2))]
@@ -229,16 +228,19 @@ def main() -> None:
                 for path in paths_for(M, args.sweep):
                     for cfg in candidates(path, bits, N, K, M, args.sweep):
                         us = time_calls([kernel_call(qw, x, path, cfg) for qw in layers])
+                        sweep_log.append(f"{N}x{K} b{bits} M={M} {path} {cfg!r}: {us:.2f} us")
                         if best is None or us < best[0]:
                             best = (us, path, cfg)
                 us, path, cfg = best
-                if args.sweep and M in (1, 16, 2048):
+                if args.sweep and M in (1, 16):
                     tuned[(path, bits, N, K)] = cfg
+                if args.sweep and M == 4:
+                    tuned[("m4", bits, N, K)] = cfg.replace(bm=16)
                 y = kernel_call(qw0, x, path, cfg)()
                 e_torch, e_fp32, rel = errors(qw0, x, y)
                 nbytes = packed_bytes(qw0) + x.numel() * 2
                 tbs = nbytes / (us * 1e-6) / 1e12
-                cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}s{cfg.num_stages}" + (f"m{cfg.bm}" if path == "dot" else "")
+                cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}" + (f"m{cfg.bm}" if path == "dot" else "")
                 line = (
                     f"{N:>5}x{K:<6} {bits:>4} {M:>5} {path:>7} {cfg_s:>22} {us:9.1f} {fp16_us[M]:9.1f} "
                     f"{fp16_us[M] / us:7.2f}x {tbs:6.2f} {100 * tbs / PEAK_TBS:5.0f}% {100 * tbs / copy_tbs:5.0f}% "
@@ -257,13 +259,16 @@ def main() -> None:
         table = (
             ["", "TUNED = {"]
             + [
-                f"    {k!r}: KernelConfig({c.bn}, {c.bk}, {c.num_warps}, {c.num_stages}),"
+                f"    {k!r}: KernelConfig({c.bn}, {c.bk}, {c.num_warps}, {c.num_stages}, split={c.split}),"
                 for k, c in sorted(tuned.items())
             ]
             + ["}"]
         )
         print("\n".join(table))
         lines += table
+    if args.sweep_log:
+        with open(args.sweep_log, "w") as f:
+            f.write("\n".join(sweep_log) + "\n")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

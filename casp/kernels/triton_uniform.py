@@ -118,12 +118,10 @@ def _u32(w0, w1, w2, P0: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr, ASM:
 
 
 @triton.jit
-def _unpack_tile(
-    qw_ptr, rn, nmask, u0, n_units, stride_qn, BITS: tl.constexpr, UW: tl.constexpr, BU: tl.constexpr, ASM: tl.constexpr
-):
-    """Codes of units [u0, u0 + BU) of rows rn as an fp32 tile [BN, BU * codes_per_unit]."""
+def _load_words(qw_ptr, rn, nmask, u0, u_end, stride_qn, UW: tl.constexpr, BU: tl.constexpr):
+    """Words of units [u0, min(u0 + BU, u_end)) of rows rn: [BN, BU] tiles w0 (and w1, w2 for 3 bits)."""
     uu = u0 + tl.arange(0, BU)
-    lmask = nmask[:, None] & (uu < n_units)[None, :]
+    lmask = nmask[:, None] & (uu < u_end)[None, :]
     ptr = qw_ptr + rn[:, None].to(tl.int64) * stride_qn + uu[None, :] * UW
     w0 = tl.load(ptr, mask=lmask, other=0)
     if UW == 3:
@@ -132,6 +130,12 @@ def _unpack_tile(
     else:
         w1 = w0
         w2 = w0
+    return w0, w1, w2
+
+
+@triton.jit
+def _decode(w0, w1, w2, BITS: tl.constexpr, ASM: tl.constexpr):
+    """fp32 codes [BN, BU * codes_per_unit] of the unit tiles, in stored column order."""
     if BITS == 2:
         q = _u16(w0, w1, w2, 0, 1, BITS, ASM)
     elif BITS == 4:
@@ -141,6 +145,25 @@ def _unpack_tile(
     else:
         q = _u32(w0, w1, w2, 0, 1, BITS, ASM)
     return q
+
+
+@triton.jit
+def _split_reduce(acc, ws_ptr, cnt_ptr, off, mask, cnt_idx, pid_s, MN, SPLIT: tl.constexpr):
+    """Split-K epilogue in one kernel: each split stores its fp32 partial; the last to arrive sums them.
+
+    Returns (sum over splits, is_last). The counter is reset by the last program, so the zeroed
+    counter buffer is reusable by the next launch on the stream. Deterministic: partials are added
+    in split order, whichever program finishes last.
+    """
+    tl.store(ws_ptr + pid_s * MN + off, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    cnt = tl.atomic_add(cnt_ptr + cnt_idx, 1, sem="acq_rel")
+    last = cnt == SPLIT - 1
+    tot = tl.zeros_like(acc)
+    for s in tl.static_range(SPLIT):
+        tot += tl.load(ws_ptr + s * MN + off, mask=mask & last, other=0.0, cache_modifier=".cg")
+    tl.store(cnt_ptr + cnt_idx, 0, mask=last)
+    return tot, last
 
 
 @triton.jit
@@ -156,34 +179,42 @@ def _group_params(s_ptr, z_ptr, rn, nmask, k0, G, GROUP, stride_sn, NGT: tl.cons
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    N, K, n_units, G, GROUP, stride_xm, stride_qn, stride_sn, stride_ym,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, n_units, units_per_split, G, GROUP, stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr, UC: tl.constexpr, UW: tl.constexpr, ASM: tl.constexpr,
     ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, GSUB: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, GSUB: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """y[m, rn] = x[m] . W[rn]^T for one activation row m = program_id(1) and BN output rows."""
+    """y[m, rn] = x[m] . W[rn]^T for activation row m = program_id(1), BN output rows, K split program_id(2)."""
     BU: tl.constexpr = BK // UC
     NGT: tl.constexpr = BK // GSUB
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     nmask = rn < N
     rk = tl.arange(0, BK)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
+    u_lo = pid_s * units_per_split
+    u_hi = tl.minimum(u_lo + units_per_split, n_units)
     acc = tl.zeros([BN, NGT], dtype=tl.float32)
     xacc = tl.zeros([NGT], dtype=tl.float32)
-    for u0 in range(0, n_units, BU):
-        q = _unpack_tile(qw_ptr, rn, nmask, u0, n_units, stride_qn, BITS, UW, BU, ASM)  # [BN, BK]
+    # software prefetch: the next tile's words are in flight while this one is decoded
+    w0n, w1n, w2n = _load_words(qw_ptr, rn, nmask, u_lo, u_hi, stride_qn, UW, BU)
+    for u0 in range(u_lo, u_hi, BU):
+        w0, w1, w2 = w0n, w1n, w2n
+        w0n, w1n, w2n = _load_words(qw_ptr, rn, nmask, u0 + BU, u_hi, stride_qn, UW, BU)
         kk = u0 * UC + rk
         xv = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)  # [BK]
+        if not ONE_GROUP:
+            s, z = _group_params(s_ptr, z_ptr, rn, nmask, u0 * UC, G, GROUP, stride_sn, NGT, GSUB)
+        q = _decode(w0, w1, w2, BITS, ASM)  # [BN, BK]
         d = tl.sum(tl.reshape(q * xv[None, :], [BN, NGT, GSUB]), axis=2)  # [BN, NGT]: sum_k q_k x_k per chunk
         xs = tl.sum(tl.reshape(xv, [NGT, GSUB]), axis=1)  # [NGT]: sum_k x_k per chunk
         if ONE_GROUP:
             acc += d
             xacc += xs
         else:
-            s, z = _group_params(s_ptr, z_ptr, rn, nmask, u0 * UC, G, GROUP, stride_sn, NGT, GSUB)
             acc += s * (d - z * xs[None, :])
     if ONE_GROUP:
         s = tl.load(s_ptr + rn.to(tl.int64) * stride_sn, mask=nmask, other=0.0).to(tl.float32)
@@ -191,36 +222,46 @@ def _gemv_kernel(
         y = s * (tl.sum(acc, axis=1) - z * tl.sum(xacc, axis=0))
     else:
         y = tl.sum(acc, axis=1)
+    omask = nmask
+    if SPLIT > 1:
+        y, last = _split_reduce(y, ws_ptr, cnt_ptr, m * N + rn, nmask, pid_n * M + m, pid_s, M * N, SPLIT)
+        omask = nmask & last
     if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+        y += tl.load(b_ptr + rn, mask=omask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
 def _dot_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    M, N, K, n_units, G, GROUP, stride_xm, stride_qn, stride_sn, stride_ym,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, n_units, units_per_split, G, GROUP, stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr, UC: tl.constexpr, UW: tl.constexpr, ASM: tl.constexpr,
     ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GSUB: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GSUB: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """y[rm, rn] = x[rm] W[rn]^T on tensor cores, the weight tile unpacked in registers."""
+    """y[rm, rn] = x[rm] W[rn]^T on tensor cores, the weight tile unpacked in registers; K split program_id(2)."""
     BU: tl.constexpr = BK // UC
     NGT: tl.constexpr = BK // GSUB
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     nmask = rn < N
     mmask = rm < M
     rk = tl.arange(0, BK)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    u_lo = pid_s * units_per_split
+    u_hi = tl.minimum(u_lo + units_per_split, n_units)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     xacc = tl.zeros([BM], dtype=tl.float32)
-    for u0 in range(0, n_units, BU):
-        q = _unpack_tile(qw_ptr, rn, nmask, u0, n_units, stride_qn, BITS, UW, BU, ASM)  # [BN, BK]
+    w0n, w1n, w2n = _load_words(qw_ptr, rn, nmask, u_lo, u_hi, stride_qn, UW, BU)
+    for u0 in range(u_lo, u_hi, BU):
+        w0, w1, w2 = w0n, w1n, w2n
+        w0n, w1n, w2n = _load_words(qw_ptr, rn, nmask, u0 + BU, u_hi, stride_qn, UW, BU)
         kk = u0 * UC + rk
         xt = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :], other=0.0)  # [BM, BK]
+        q = _decode(w0, w1, w2, BITS, ASM)  # [BN, BK]
         if ONE_GROUP:
             # codes are small integers: exact in fp16/bf16, so the dot is exact up to fp32 accumulation
             acc += tl.dot(xt, tl.trans(q.to(xt.dtype)))
@@ -239,10 +280,17 @@ def _dot_kernel(
         s = tl.load(s_ptr + rn.to(tl.int64) * stride_sn, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn.to(tl.int64) * stride_sn, mask=nmask, other=0.0).to(tl.float32)
         acc = s[None, :] * (acc - z[None, :] * xacc[:, None])
+    omask = mmask[:, None] & nmask[None, :]
+    if SPLIT > 1:
+        off = rm[:, None] * N + rn[None, :]
+        acc, last = _split_reduce(
+            acc, ws_ptr, cnt_ptr, off, omask, pid_n * tl.num_programs(1) + pid_m, pid_s, M * N, SPLIT
+        )
+        omask = omask & last
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -258,7 +306,8 @@ def _dequant_kernel(
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = rn < N
     u0 = tl.program_id(1) * BU
-    q = _unpack_tile(qw_ptr, rn, nmask, u0, n_units, stride_qn, BITS, UW, BU, ASM)
+    w0, w1, w2 = _load_words(qw_ptr, rn, nmask, u0, n_units, stride_qn, UW, BU)
+    q = _decode(w0, w1, w2, BITS, ASM)
     s, z = _group_params(s_ptr, z_ptr, rn, nmask, u0 * UC, G, GROUP, stride_sn, NGT, GSUB)
     w = tl.reshape((tl.reshape(q, [BN, NGT, GSUB]) - z[:, :, None]) * s[:, :, None], [BN, BK])
     kk = u0 * UC + tl.arange(0, BK)
@@ -271,26 +320,53 @@ def _dequant_kernel(
 
 
 class KernelConfig:
-    """Tile sizes and launch options of one kernel call (BM is used by the tensor-core kernel only)."""
+    """Tile sizes and launch options of one kernel call.
 
-    __slots__ = ("bn", "bk", "bm", "num_warps", "num_stages")
+    bn: output rows per program; bk: weight columns per loop step; split: programs sharing one
+    row block along K (reduced in-kernel by the last one); bm: activation rows per program of the
+    tensor-core kernel.
+    """
 
-    def __init__(self, bn: int, bk: int, num_warps: int = 4, num_stages: int = 2, bm: int = 16):
+    __slots__ = ("bn", "bk", "bm", "num_warps", "num_stages", "split")
+
+    def __init__(self, bn: int, bk: int, num_warps: int = 4, num_stages: int = 2, bm: int = 16, split: int = 1):
         for name, v in (("bn", bn), ("bk", bk), ("bm", bm)):
             if v < 1 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}")
-        self.bn, self.bk, self.bm, self.num_warps, self.num_stages = bn, bk, bm, num_warps, num_stages
+        if split < 1:
+            raise ValueError(f"KernelConfig.split must be >= 1, got {split}")
+        self.bn, self.bk, self.bm, self.num_warps, self.num_stages, self.split = (
+            bn,
+            bk,
+            bm,
+            num_warps,
+            num_stages,
+            split,
+        )
+
+    def replace(self, **kw) -> KernelConfig:
+        d = {k: getattr(self, k) for k in self.__slots__}
+        d.update(kw)
+        return KernelConfig(**d)
 
     def __repr__(self) -> str:
-        return f"KernelConfig({self.bn}, {self.bk}, {self.num_warps}, {self.num_stages}, bm={self.bm})"
+        return (
+            f"KernelConfig({self.bn}, {self.bk}, {self.num_warps}, {self.num_stages}, bm={self.bm}, split={self.split})"
+        )
 
 
-# Best configs measured on an H100 (benchmarks/kernels.py sweep), keyed (path, bits, N, K); others use the defaults.
+# Best configs measured on an H100 (benchmarks/kernels.py --sweep), keyed (path, bits, N, K); others use defaults.
 TUNED: dict[tuple[str, int, int, int], KernelConfig] = {}
 
 # Paths by batch rows M: gemv for M <= GEMV_MAX_M, tensor-core dot for M <= DOT_MAX_M, else dequantize + cuBLAS.
 GEMV_MAX_M = 1
 DOT_MAX_M = 64
+
+# Split-K counters: one zeroed int32 buffer per device, created outside graph capture and reset by the
+# kernels themselves (like a cuBLAS workspace). Launches on concurrent streams of one device must not
+# both use split-K at the same time.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_N_COUNTERS = 1 << 16
 
 
 def unit_geometry(bits: int) -> tuple[int, int]:
@@ -299,20 +375,24 @@ def unit_geometry(bits: int) -> tuple[int, int]:
 
 
 def default_config(path: str, bits: int, N: int, K: int, M: int = 1) -> KernelConfig:
-    """A reasonable config when the shape is not in TUNED."""
+    """A reasonable config when the shape is not in TUNED: enough programs along N and K to fill 132 SMs."""
     uc, _ = unit_geometry(bits)
     if path == "gemv":
-        return KernelConfig(bn=16, bk=max(256, uc), num_warps=4, num_stages=2)
+        bn, bk = 16, max(512, uc)
+        split = max(1, min(8, (132 * 8) // max(1, -(-N // bn))))
+        return KernelConfig(bn, bk, 4, 2, split=split)
     if path == "dot":
         bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-        return KernelConfig(bn=64, bk=max(128, uc), num_warps=4, num_stages=2, bm=bm)
-    return KernelConfig(bn=32, bk=max(256, uc), num_warps=4, num_stages=1)
+        bn = 64
+        split = max(1, min(8, (132 * 4) // max(1, -(-N // bn) * -(-M // bm))))
+        return KernelConfig(bn, max(256, uc), 4, 2, bm=bm, split=split)
+    return KernelConfig(32, max(256, uc), 4, 1)
 
 
 def pick_config(path: str, bits: int, N: int, K: int, M: int = 1) -> KernelConfig:
     cfg = TUNED.get((path, bits, N, K))
     if cfg is not None and path == "dot":
-        cfg = KernelConfig(cfg.bn, cfg.bk, cfg.num_warps, cfg.num_stages, default_config(path, bits, N, K, M).bm)
+        cfg = cfg.replace(bm=default_config(path, bits, N, K, M).bm)
     return cfg or default_config(path, bits, N, K, M)
 
 
@@ -335,10 +415,25 @@ def _common(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: 
     uc, uw = unit_geometry(bits)
     if cfg.bk < uc:
         raise ValueError(f"KernelConfig.bk={cfg.bk} is smaller than one unit of {uc} codes at {bits} bits")
-    n_groups = scales.shape[1]
-    return dict(
-        BITS=bits, UC=uc, UW=uw, ASM=not _interpreting(), BN=cfg.bn, BK=cfg.bk, GSUB=_gsub(cfg.bk, group_size, n_groups)
-    )
+    gsub = _gsub(cfg.bk, group_size, scales.shape[1])
+    return dict(BITS=bits, UC=uc, UW=uw, ASM=not _interpreting(), BN=cfg.bn, BK=cfg.bk, GSUB=gsub)
+
+
+def _split_plan(n_units: int, bu: int, split: int, n_tiles: int, M: int, N: int, device: torch.device):
+    """(units per split, splits, workspace, counters) with no empty split; split 1 when counters are unavailable."""
+    per = triton.cdiv(triton.cdiv(n_units, split), bu) * bu  # units per split, a multiple of the tile
+    split = -(-n_units // per)
+    if split > 1 and device not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            split = 1  # never allocate the persistent counters inside a graph capture
+        else:
+            _COUNTERS[device] = torch.zeros(_N_COUNTERS, dtype=torch.int32, device=device)
+    if split > 1 and n_tiles > _N_COUNTERS:
+        split = 1
+    if split == 1:
+        return n_units, 1, None, None
+    ws = torch.empty(split * M * N, dtype=torch.float32, device=device)
+    return per, split, ws, _COUNTERS[device]
 
 
 def gemv(
@@ -356,11 +451,15 @@ def gemv(
     N, n_groups = scales.shape
     cfg = cfg or pick_config("gemv", bits, N, K, M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, cfg.bn), M)
-    _gemv_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else y, y,
-        N, K, _n_units(K, bits), n_groups, group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        ONE_GROUP=n_groups == 1, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    n_units = _n_units(K, bits)
+    nb = triton.cdiv(N, cfg.bn)
+    per, split, ws, cnt = _split_plan(n_units, cfg.bk // unit_geometry(bits)[0], cfg.split, nb * M, M, N, x.device)
+    _gemv_kernel[(nb, M, split)](
+        x, qweight, scales, zeros, bias if bias is not None else y, y, ws if ws is not None else y,
+        cnt if cnt is not None else qweight,
+        M, N, K, n_units, per, n_groups, group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        ONE_GROUP=n_groups == 1, HAS_BIAS=bias is not None, SPLIT=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_common(qweight, scales, bits, group_size, cfg),
     )  # fmt: skip
     return y
@@ -381,11 +480,14 @@ def dot(
     N, n_groups = scales.shape
     cfg = cfg or pick_config("dot", bits, N, K, M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, cfg.bn), triton.cdiv(M, cfg.bm))
-    _dot_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else y, y,
-        M, N, K, _n_units(K, bits), n_groups, group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        ONE_GROUP=n_groups == 1, HAS_BIAS=bias is not None, BM=cfg.bm,
+    n_units = _n_units(K, bits)
+    nb, mb = triton.cdiv(N, cfg.bn), triton.cdiv(M, cfg.bm)
+    per, split, ws, cnt = _split_plan(n_units, cfg.bk // unit_geometry(bits)[0], cfg.split, nb * mb, M, N, x.device)
+    _dot_kernel[(nb, mb, split)](
+        x, qweight, scales, zeros, bias if bias is not None else y, y, ws if ws is not None else y,
+        cnt if cnt is not None else qweight,
+        M, N, K, n_units, per, n_groups, group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        ONE_GROUP=n_groups == 1, HAS_BIAS=bias is not None, BM=cfg.bm, SPLIT=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_common(qweight, scales, bits, group_size, cfg),
     )  # fmt: skip
