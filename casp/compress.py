@@ -120,7 +120,9 @@ def stats_pass(model, adapter, block_inputs, cfg: CompressionConfig, device) -> 
         budget = sum(fixed_rank(m, n, cfg.rank_ratio) * (m + n) for m, n in shapes)
         densities = [attention[i // len(LOWRANK_NAMES)]["density"] or 1.0 for i in range(len(names))]
         ranks = adaptive_ranks(spectra, shapes, densities, budget)
-    return dict(zip(names, (int(r) for r in ranks))), attention
+    # Multiples of 8: codebook quantizers code 8 input features at a time, and kernels like aligned shapes.
+    ranks = [max(8, int(r) // 8 * 8) for r in ranks]
+    return dict(zip(names, ranks)), attention
 
 
 # ---- pass 2: sensitivities and the allocation -----------------------------------------------------

@@ -116,7 +116,7 @@ def test_casp_lowrank_and_allocation_meets_target(tmp_path, family):
     assert abs(result.report["avg_bits_per_original_param"] - 2.25) <= 0.01
     model, processor, adapter = load_model(tmp_path / "out")
     q = adapter.decoder_layers(model)[0].self_attn.q_proj
-    assert type(q).__name__ == "LowRankLinear" and q.rank == 256 * 256 // 4 // 512
+    assert type(q).__name__ == "LowRankLinear" and q.rank == 256 * 256 // 4 // 512 // 8 * 8
     # The measured storage of the checkpoint, not just the report, meets the target.
     layers = compressed_modules(model)
     stored = sum(b.numel() * b.element_size() * 8 for m in layers.values() for b in m.buffers()
