@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     per_block = [sum(r["seconds"] for r in rep["layers"] if r["block"] == b) for b in range(args.layers)]
     lines = [
         f"# {' '.join(sys.argv)}",
-        f"# device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}; torch {torch.__version__}",
+        f"# device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}; "
+        f"torch {torch.__version__}",
         "model: LLaVA-1.5-7B shapes (CLIP ViT-L/336 tower, 4096 hidden, 11008 MLP, 32 heads), random fp16 weights, "
         f"{args.layers} of 32 decoder blocks; {args.samples} calibration prompts of {577 + args.text_tokens} tokens",
         f"method: CASP (whitened low-rank Q/K, ratio 0.25) + GPTQ, optimal allocation at {args.bits} bits",

@@ -17,7 +17,8 @@ def test_codebook_quantizers_compress_save_load(tmp_path, family, quantizer, opt
     cfg = CompressionConfig(method=method, quantizer=quantizer, bits=2, quant_options=options, samples=2)
     result = compress(model_dir, tmp_path / "out", cfg, calib=calib)
     model, processor, adapter = load_model(tmp_path / "out")
-    formats = {m.meta["format"] if hasattr(m, "meta") else m.A.meta["format"] for m in compressed_modules(model).values()}
+    modules = compressed_modules(model).values()
+    formats = {m.meta["format"] if hasattr(m, "meta") else m.A.meta["format"] for m in modules}
     assert formats == {quantizer}
     images = [make_image(2)] if family == "llava" else None
     inputs = adapter.build_inputs(processor, ["what color is the circle ?"], images)
