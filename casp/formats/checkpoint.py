@@ -105,6 +105,8 @@ def save_compressed(model: nn.Module, processor, adapter: ModelAdapter, out_dir:
     if processor is not None:
         processor.save_pretrained(out_dir)
     atomic_write_json(out_dir / "casp_report.json", report)
+    if report.get("attention"):  # measured during CASP calibration: the report's density plot reads it
+        atomic_write_json(out_dir / "analysis.json", {"model": report.get("model"), "layers": report["attention"]})
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": "casp",
