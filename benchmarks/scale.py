@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, sys.path[0] is benchmarks/, whose kernels.py would shadow the `kernels` package that
+# transformers probes: put the repository root there instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from casp.compress import compress_model  # noqa: E402
 from casp.config import CompressionConfig  # noqa: E402
