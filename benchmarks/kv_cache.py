@@ -167,7 +167,6 @@ def llava7b_language_model(
         num_key_value_heads=heads,
         max_position_embeddings=4096,
     )
-    config._attn_implementation = "sdpa"
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -245,7 +244,7 @@ def describe(batch: int, r: dict | None) -> str:
     return f"  batch {batch}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_gb']:.1f} GB"
 
 
-def max_batch(model, make_cache, prompt_len, gen, image_span, start: int, cap: int, log) -> dict | None:
+def max_batch_doubling(model, make_cache, prompt_len, gen, image_span, start: int, cap: int, log) -> dict | None:
     """Largest batch (to within 1/16) that generates without OOM: doubling from ``start``, then bisection."""
     best, lo, hi = None, 0, None
     b = start
@@ -270,6 +269,42 @@ def max_batch(model, make_cache, prompt_len, gen, image_span, start: int, cap: i
     return best
 
 
+def max_batch_extrapolated(model, make_cache, prompt_len, gen, image_span, first: dict, cap: int, log) -> dict | None:
+    """Largest batch that generates without OOM, in few runs (each 7B run at a large batch is costly).
+
+    Peak memory is linear in the batch (weights + per-sample cache and activations): fit it on the
+    run at ``first['batch']`` and one at twice that, jump to 95% of the predicted limit, step down 6% per
+    OOM, then up 4% while it fits (at most 6 runs). Every reported number comes from a batch that ran.
+    """
+    device = model.device
+    b1 = first["batch"]
+    second = try_batch(model, make_cache, 2 * b1, prompt_len, gen, image_span)
+    log(describe(2 * b1, second))
+    if second is None:
+        return max_batch_doubling(model, make_cache, prompt_len, gen, image_span, b1, 2 * b1 - 1, log) or first
+    slope = (second["peak_gb"] - first["peak_gb"]) / b1
+    base = first["peak_gb"] - slope * b1
+    free_b, _ = torch.cuda.mem_get_info(device)
+    capacity = (torch.cuda.memory_allocated(device) + free_b) / 2**30
+    b = min(cap, max(2 * b1, int(0.95 * (capacity - base) / max(slope, 1e-6))))
+    log(f"  peak ~ {base:.1f} GB + {slope:.3f} GB/sample, capacity {capacity:.1f} GB -> try batch {b}")
+    best, runs = second, 0
+    while runs < 6 and b > 2 * b1:
+        r = try_batch(model, make_cache, b, prompt_len, gen, image_span)
+        log(describe(b, r))
+        runs += 1
+        if r is None and best is not second:
+            break  # the step up failed: the previous batch is the answer
+        if r is None:
+            b = int(b * 0.94)
+            continue
+        best = r
+        b = min(cap, int(b * 1.04) + 1)
+        if b == best["batch"]:
+            break
+    return best
+
+
 def efficiency(args, log) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     shape = dict(layers=2, hidden=256, heads=2, inter=512, vocab=512) if args.cpu_smoke else {}
@@ -285,7 +320,12 @@ def efficiency(args, log) -> dict:
         log(f"{name}: fixed batch {args.batch}")
         fixed = try_batch(model, make, args.batch, args.prompt_len, args.gen, image_span)
         log(f"{name}: searching the largest batch")
-        top = max_batch(model, make, args.prompt_len, args.gen, image_span, args.batch, args.max_batch, log)
+        if device.type == "cuda" and args.search == "extrapolate" and fixed is not None:
+            top = max_batch_extrapolated(model, make, args.prompt_len, args.gen, image_span, fixed, args.max_batch, log)
+        else:
+            top = max_batch_doubling(
+                model, make, args.prompt_len, args.gen, image_span, args.batch, args.max_batch, log
+            )
         rows[name] = {"fixed": fixed, "max": top}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -331,6 +371,44 @@ def efficiency_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def load_causal_lm(path: str):
+    """(model, tokenizer, adapter) from a model directory or a .gguf file (dequantized to fp32 by transformers)."""
+    if path.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(path))
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        return model, tokenizer, get_adapter(model)
+    from casp.models import load_model
+
+    model, processor, adapter = load_model(path, dtype=torch.float32, device="cpu")
+    return model, getattr(processor, "tokenizer", processor), adapter
+
+
+def text_perplexity(args, log) -> dict:
+    """Perplexity of continuations of a text file under every cache method (one window per chunk)."""
+    model, tokenizer, adapter = load_causal_lm(args.ppl_model)
+    ids = tokenizer(open(args.ppl_text).read(), return_tensors="pt").input_ids
+    span = args.ppl_prefix + args.ppl_decode
+    chunks = [ids[:, i * span : (i + 1) * span] for i in range(min(args.ppl_chunks, ids.shape[1] // span))]
+    if not chunks:
+        raise SystemExit(f"{args.ppl_text} has {ids.shape[1]} tokens, fewer than one window of {span}")
+    methods = cache_methods(model, adapter)
+    nll = {}
+    for name, make in methods.items():
+        t0 = time.perf_counter()
+        values = [
+            continuation_nll(model, {"input_ids": c[:, : args.ppl_prefix]}, c[:, args.ppl_prefix :], make)
+            for c in chunks
+        ]
+        nll[name] = sum(values) / len(values)
+        log(f"{name}: ppl {math.exp(nll[name]):.3f} ({time.perf_counter() - t0:.0f} s)")
+    title = (
+        f"perplexity of {args.ppl_decode} decoded tokens after a {args.ppl_prefix}-token prefix, {len(chunks)} "
+        f"windows of {os.path.basename(args.ppl_text)}, model {os.path.basename(args.ppl_model)}"
+    )
+    return {title: {name: math.exp(v) for name, v in nll.items()}}
+
+
 # ---- CPU smoke of the accuracy functions -------------------------------------------------------------
 
 
@@ -339,9 +417,9 @@ def accuracy_smoke(log) -> dict:
     torch.manual_seed(0)
     model = llava7b_language_model(torch.device("cpu"), layers=4, hidden=256, heads=2, inter=512, vocab=512)
     adapter = get_adapter(model)
-    ids = torch.randint(3, 512, (1, 420))
+    ids = torch.randint(3, 512, (1, 260))
     methods = cache_methods(model, adapter)
-    return {"perplexity (random model, prefix 300, 120 decoded)": perplexity_table(model, adapter, ids, 300, methods)}
+    return {"perplexity (random model, prefix 200, 60 decoded)": perplexity_table(model, adapter, ids, 200, methods)}
 
 
 def main(argv=None) -> int:
@@ -353,10 +431,21 @@ def main(argv=None) -> int:
     p.add_argument("--gen", type=int, default=64)
     p.add_argument("--batch", type=int, default=16, help="fixed batch for the peak-memory comparison")
     p.add_argument("--max-batch", type=int, default=2048, help="upper limit of the batch search")
+    p.add_argument(
+        "--search",
+        choices=["extrapolate", "doubling"],
+        default="extrapolate",
+        help="largest-batch search: linear memory fit + few runs (default), or doubling + bisection",
+    )
     p.add_argument("--out", default=None, help="write the table here (and the raw numbers next to it as .json)")
+    p.add_argument("--ppl-model", default=None, help="model dir or .gguf file: text perplexity per cache method")
+    p.add_argument("--ppl-text", default=None, help="text file for --ppl-model")
+    p.add_argument("--ppl-prefix", type=int, default=512)
+    p.add_argument("--ppl-decode", type=int, default=256)
+    p.add_argument("--ppl-chunks", type=int, default=2)
     args = p.parse_args(argv)
-    if not (args.gpu or args.cpu_smoke):
-        p.error("choose --gpu or --cpu-smoke (the accuracy functions are imported by the lead's runners)")
+    if not (args.gpu or args.cpu_smoke or args.ppl_model):
+        p.error("choose --gpu, --cpu-smoke or --ppl-model (the accuracy functions are also importable)")
     if args.gpu and not torch.cuda.is_available():
         p.error("--gpu needs CUDA")
     if args.cpu_smoke:
@@ -366,6 +455,18 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    if args.ppl_model:
+        if not args.ppl_text:
+            p.error("--ppl-model needs --ppl-text")
+        res = text_perplexity(args, log)
+        text = "\n\n".join(
+            f"{t}\n" + "\n".join(f"  {k:>16}: {v:.3f}" for k, v in tab.items()) for t, tab in res.items()
+        )
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return 0
     res = efficiency(args, log)
     text = efficiency_table(res)
     if args.cpu_smoke:

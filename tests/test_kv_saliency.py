@@ -100,3 +100,18 @@ def test_measure_saliency_on_tiny_llava():
     expected = ["TSA" if t > i else "PSA" for t, i in zip(profile.text_attention, profile.image_attention)]
     assert list(profile.patterns) == expected
     assert KVSaliencyProfile.from_json(profile.to_json()) == profile
+
+
+def test_analyze_stores_the_profile_that_make_cache_reads(tmp_path):
+    from casp.kv import AKVQCache, analyze, make_cache
+
+    model, processor = build("llava", num_layers=3)
+    adapter = get_adapter(model)
+    batches = [adapter.build_inputs(processor, ["describe the picture ."], [make_image(0)])]
+    profile = analyze(model, adapter, batches, model_dir=tmp_path)
+    assert (tmp_path / "casp_kv_profile.json").is_file()
+    cache = make_cache("akvq", model, adapter, model_dir=tmp_path)
+    assert isinstance(cache, AKVQCache) and cache.config.profile == profile
+    assert make_cache("fp16", model) is None
+    with pytest.raises(ValueError, match="akvq"):
+        make_cache("int3", model)

@@ -7,6 +7,7 @@ model.generate(**inputs, past_key_values=cache)
 
 from casp.kv.cache import AKVQCache, AKVQConfig, AKVQLayer, QuantizedKVCache, ablation_configs
 from casp.kv.kivi import KIVICache, KIVIConfig, KIVILayer, UniformKVCache
+from casp.kv.methods import KV_METHODS, analyze, load_profile, make_cache
 from casp.kv.quantizer import (
     PackedKV,
     dequantize,
@@ -31,18 +32,22 @@ __all__ = [
     "KIVICache",
     "KIVIConfig",
     "KIVILayer",
+    "KV_METHODS",
     "KVSaliencyProfile",
     "PROFILE_FILE",
     "PackedKV",
     "QuantizedKVCache",
     "UniformKVCache",
     "ablation_configs",
+    "analyze",
     "dequantize",
     "dequantize_per_channel",
     "detect_patterns",
     "find_pivot_tokens",
     "fold_value_rotation",
     "is_value_rotation_folded",
+    "load_profile",
+    "make_cache",
     "measure_saliency",
     "pivot_mask",
     "quantize_per_channel",

@@ -41,8 +41,8 @@ from casp.kv.quantizer import SUPPORTED_BITS, PackedKV, default_clip, dequantize
 from casp.kv.rotation import check_head_dim, is_value_rotation_folded
 from casp.kv.saliency import KVSaliencyProfile, pivot_mask
 
-# Token precision classes of an AKVQ layer.
-FP16, SALIENT, LOW = 0, 1, 2
+# Quantization classes of old tokens in an AKVQ layer (pivot tokens are kept in fp16 on top, see AKVQLayer).
+SALIENT, LOW = 1, 2
 # Without a measured profile: LLaVA-1.5-7B's table in the paper (layers 0-1 TSA, the rest PSA).
 DEFAULT_TSA_LAYERS = 2
 # Quantize at most this many elements at once, so the fp32 temporaries of a long prefill stay small.
@@ -162,7 +162,7 @@ class WindowedQuantLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
     is_croppable = False
-    dequant_slice = 1 << 24  # dequantize about this many elements at once into the output K/V
+    dequant_slice = 1 << 26  # dequantize about this many elements at once into the output K/V
 
     def __init__(self, residual: int, block: int):
         super().__init__()
@@ -298,10 +298,12 @@ def _gather_rows(token_class: torch.Tensor, cls: int, index: torch.Tensor) -> to
 class AKVQLayer(WindowedQuantLayer):
     """One layer of the AKVQ-VL cache, in mode "uniform", "tsa" or "psa" (see the module docstring).
 
-    Old tokens are stored time-major: ``token_class`` [S, B] (int8: FP16, SALIENT or LOW) and, per class,
-    the rows [N_c, H, ...] of the tokens of that class in row-major order of ``token_class``. So per-row
-    (per batch element) different image positions and pivots cost nothing, and appending a block is a
-    concatenation.
+    Old tokens are stored time-major: ``token_class`` [S, B] (int8: SALIENT or LOW) and, per class, the
+    rows [N_c, H, ...] of that class's tokens in row-major order of ``token_class``. So per-row (per batch
+    element) image positions cost nothing, and appending a block is a concatenation. Pivot tokens
+    (PSA) are quantized like the rest and also kept in fp16 in an overlay (``kept_pos`` [P, 2] of
+    (position, batch row), ``k_kept``/``v_kept`` [P, H, d]) written over the dequantized tokens: the
+    bulk then decodes as one dense block, and the extra cost is P low-bit tokens.
     """
 
     def __init__(self, config: AKVQConfig, mode: str, rotate_values: bool, head_dim: int):
@@ -328,8 +330,11 @@ class AKVQLayer(WindowedQuantLayer):
 
     def _init_store(self) -> None:
         self.token_class: torch.Tensor | None = None
-        self.k_rows: dict[int, torch.Tensor | PackedKV] = {}
-        self.v_rows: dict[int, torch.Tensor | PackedKV] = {}
+        self.k_rows: dict[int, PackedKV] = {}
+        self.v_rows: dict[int, PackedKV] = {}
+        self.kept_pos: torch.Tensor | None = None
+        self.k_kept: torch.Tensor | None = None
+        self.v_kept: torch.Tensor | None = None
         self.hadamard: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -345,28 +350,28 @@ class AKVQLayer(WindowedQuantLayer):
         return self.hadamard
 
     def _classes(self, start: int, n: int, batch: int, device) -> torch.Tensor:
-        """Precision class of tokens [start, start + n) of every batch row: int8 [n, B]."""
+        """Quantization class of tokens [start, start + n) of every batch row: int8 [n, B]."""
         cls = torch.full((n, batch), LOW, dtype=torch.int8, device=device)
         if self.mode == "tsa":
             cls.fill_(SALIENT)
             if self.image_mask is not None:
                 prefix = self.image_mask[:, start : start + n].to(device).T  # [n', B]
                 cls[: prefix.shape[0]][prefix] = LOW
-        elif self.mode == "psa" and self.pivots is not None:
-            prefix = self.pivots[:, start : start + n].to(device).T
-            cls[: prefix.shape[0]][prefix] = FP16
         return cls
 
-    def _encode(self, rows: torch.Tensor, cls: int, rotate: bool) -> torch.Tensor | PackedKV:
-        if cls == FP16:
-            return rows
+    def _kept(self, start: int, n: int, batch: int, device) -> torch.Tensor | None:
+        """(position in block, batch row) of the pivot tokens among tokens [start, start + n): [P, 2]."""
+        if self.mode != "psa" or self.pivots is None:
+            return None
+        prefix = self.pivots[:, start : start + n].to(device).T  # [n', B]
+        return prefix.nonzero() if bool(prefix.any()) else None
+
+    def _encode(self, rows: torch.Tensor, cls: int, rotate: bool) -> PackedKV:
         if rotate:
             rows = rows @ self._h()
         return _quantize_rows(rows, self.bits[cls], self.group, self.clip[cls])
 
-    def _decode(self, rows: torch.Tensor | PackedKV, rotate: bool) -> torch.Tensor:
-        if isinstance(rows, torch.Tensor):
-            return rows
+    def _decode(self, rows: PackedKV, rotate: bool) -> torch.Tensor:
         x = dequantize(rows, self.dtype)
         return x @ self._h() if rotate else x  # H^T = H: back to the model's basis
 
@@ -374,25 +379,38 @@ class AKVQLayer(WindowedQuantLayer):
         b, _, n, _ = keys.shape
         cls = self._classes(start, n, b, keys.device)
         k_t, v_t = keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3)  # [n, B, H, d]
-        for c in (FP16, SALIENT, LOW):
+        for c in (SALIENT, LOW):
             hit = cls == c
             if not bool(hit.any()):
                 continue
-            new_k = self._encode(k_t[hit], c, self.rotate_keys)  # rows [N, H, d]
-            new_v = self._encode(v_t[hit], c, self.rotate_values)
+            rows_k, rows_v = (k_t[hit], v_t[hit]) if not bool(hit.all()) else (k_t.flatten(0, 1), v_t.flatten(0, 1))
+            new_k = self._encode(rows_k, c, self.rotate_keys)  # rows [N, H, d]
+            new_v = self._encode(rows_v, c, self.rotate_values)
             if c in self.k_rows:
-                new_k, new_v = _cat(self.k_rows[c], new_k), _cat(self.v_rows[c], new_v)
+                new_k, new_v = PackedKV.cat([self.k_rows[c], new_k]), PackedKV.cat([self.v_rows[c], new_v])
             self.k_rows[c], self.v_rows[c] = new_k, new_v
         self.token_class = cls if self.token_class is None else torch.cat([self.token_class, cls])
+        kept = self._kept(start, n, b, keys.device)
+        if kept is not None:
+            k_new, v_new = k_t[kept[:, 0], kept[:, 1]], v_t[kept[:, 0], kept[:, 1]]  # [P, H, d], exact
+            kept = kept + torch.tensor([start, 0], device=kept.device)
+            if self.kept_pos is None:
+                self.kept_pos, self.k_kept, self.v_kept = kept, k_new, v_new
+            else:
+                self.kept_pos = torch.cat([self.kept_pos, kept])
+                self.k_kept, self.v_kept = torch.cat([self.k_kept, k_new]), torch.cat([self.v_kept, v_new])
 
     def _load_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         s, b = self.token_class.shape
         h, d = keys.shape[1], keys.shape[-1]
         step = max(1, self.dequant_slice // (b * h * d))  # tokens per slice
-        targets = ((keys.permute(2, 0, 1, 3), self.k_rows, self.rotate_keys),)  # [S, B, H, d] views
-        targets += ((values.permute(2, 0, 1, 3), self.v_rows, self.rotate_values),)
+        k_out, v_out = keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3)  # [S, B, H, d] views
+        targets = ((k_out, self.k_rows, self.rotate_keys), (v_out, self.v_rows, self.rotate_values))
         # Row offsets of each class at every token position: rows of tokens [s0, s1) are contiguous.
-        offsets = {c: [0, *(self.token_class == c).sum(dim=1).cumsum(0).tolist()] for c in self.k_rows}
+        if len(self.k_rows) == 1:
+            offsets = {c: [t * b for t in range(s + 1)] for c in self.k_rows}
+        else:
+            offsets = {c: [0, *(self.token_class == c).sum(dim=1).cumsum(0).tolist()] for c in self.k_rows}
         for s0 in range(0, s, step):
             s1 = min(s, s0 + step)
             for out, rows, rotate in targets:
@@ -405,37 +423,43 @@ class AKVQLayer(WindowedQuantLayer):
                         out[s0:s1] = part.view(s1 - s0, b, h, d)
                     else:
                         out[s0:s1][self.token_class[s0:s1] == c] = part
+        if self.kept_pos is not None:
+            k_out[self.kept_pos[:, 0], self.kept_pos[:, 1]] = self.k_kept
+            v_out[self.kept_pos[:, 0], self.kept_pos[:, 1]] = self.v_kept
 
     def _select_store(self, index: torch.Tensor) -> None:
         for c in list(self.k_rows):
             rows = _gather_rows(self.token_class, c, index)
-            self.k_rows[c], self.v_rows[c] = _take(self.k_rows[c], rows), _take(self.v_rows[c], rows)
+            self.k_rows[c], self.v_rows[c] = self.k_rows[c].select(rows), self.v_rows[c].select(rows)
         self.token_class = self.token_class[:, index]
         if self.pivots is not None:
             self.pivots = self.pivots[index.to(self.pivots.device)]
+        if self.kept_pos is not None:
+            # every (kept token, new row j) with index[j] == the token's row; repeats copy it
+            p, j = (self.kept_pos[:, 1].unsqueeze(1) == index.unsqueeze(0)).nonzero(as_tuple=True)
+            self.kept_pos = torch.stack([self.kept_pos[p, 0], j], dim=1)
+            self.k_kept, self.v_kept = self.k_kept[p], self.v_kept[p]
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
-        yield from _iter_tensors([self.token_class, self.k_rows, self.v_rows, self.hadamard, self.pivots])
+        held = [self.token_class, self.k_rows, self.v_rows, self.kept_pos, self.k_kept, self.v_kept]
+        yield from _iter_tensors([*held, self.hadamard, self.pivots])
         if self.image_mask is not None:
             yield self.image_mask
 
+    @property
+    def num_kept(self) -> int:
+        """Tokens (over all batch rows) held exactly in fp16 outside the recent window."""
+        return 0 if self.kept_pos is None else self.kept_pos.shape[0]
+
     def set_pivots(self, hidden_states: torch.Tensor, k: int, ratio: float) -> None:
         """Pivot tokens of this layer from its prefill input hidden states [B, T, D]."""
-        self.pivots = pivot_mask(hidden_states.float().norm(dim=-1), k, ratio)
+        # Norms a few rows at a time: a full fp32 copy of a large prefill's hidden states is gigabytes.
+        norms = torch.cat([h.float().norm(dim=-1) for h in hidden_states.split(8)])  # [B, T]
+        self.pivots = pivot_mask(norms, k, ratio)
 
 
-def _cat(a, b):
-    return PackedKV.cat([a, b]) if isinstance(a, PackedKV) else torch.cat([a, b])
-
-
-def _slice_rows(rows, lo: int, hi: int):
-    if isinstance(rows, PackedKV):
-        return PackedKV(rows.codes[lo:hi], rows.scale[lo:hi], rows.zero[lo:hi], rows.bits)
-    return rows[lo:hi]
-
-
-def _take(rows, index: torch.Tensor):
-    return rows.select(index) if isinstance(rows, PackedKV) else rows[index]
+def _slice_rows(rows: PackedKV, lo: int, hi: int) -> PackedKV:
+    return PackedKV(rows.codes[lo:hi], rows.scale[lo:hi], rows.zero[lo:hi], rows.bits)
 
 
 class QuantizedKVCache(Cache):
