@@ -27,23 +27,24 @@ from casp.config import CompressionConfig  # noqa: E402
 from casp.models import get_adapter  # noqa: E402
 
 
-def llava_7b_config(layers: int):
+def llava_7b_config(layers: int, tiny: bool = False):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+    scale = 16 if tiny else 1  # --tiny: the same structure at 1/16 width, for a CPU smoke test of this script
+    vision = CLIPVisionConfig(hidden_size=1024 // scale, intermediate_size=4096 // scale, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096 // scale, intermediate_size=11008 // scale, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
                        vision_feature_select_strategy="default")
 
 
-def random_model(layers: int, dtype: torch.dtype):
+def random_model(layers: int, dtype: torch.dtype, tiny: bool = False):
     """The model on CPU with N(0, 0.02) weights, built without a slow default init."""
     from accelerate import init_empty_weights
     from transformers import LlavaForConditionalGeneration
 
-    config = llava_7b_config(layers)
+    config = llava_7b_config(layers, tiny)
     config._attn_implementation = "eager"  # CASP measures attention maps
     with init_empty_weights(include_buffers=False):
         model = LlavaForConditionalGeneration(config)
@@ -82,11 +83,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--work", default="/tmp/casp-scale", help="where the compressed checkpoint is written")
     p.add_argument("--out", default=None, help="write the result table here too")
+    p.add_argument("--tiny", action="store_true", help="1/16 width: a CPU smoke test of this script, not a result")
     args = p.parse_args(argv)
 
-    dtype = torch.float16
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     t0 = time.time()
-    model = random_model(args.layers, dtype)
+    model = random_model(args.layers, dtype, args.tiny)
     build_s = time.time() - t0
     adapter = get_adapter(model)
     inputs = calibration_inputs(args.samples, args.text_tokens, dtype)
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
         f"# {' '.join(sys.argv)}",
         f"# device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}; "
         f"torch {torch.__version__}",
-        "model: LLaVA-1.5-7B shapes (CLIP ViT-L/336 tower, 4096 hidden, 11008 MLP, 32 heads), random fp16 weights, "
+        ("model: 1/16-WIDTH SMOKE TEST (not a result) of " if args.tiny else "model: ")
+        + "LLaVA-1.5-7B shapes (CLIP ViT-L/336 tower, 4096 hidden, 11008 MLP, 32 heads), random weights, "
         f"{args.layers} of 32 decoder blocks; {args.samples} calibration prompts of {577 + args.text_tokens} tokens",
         f"method: CASP (whitened low-rank Q/K, ratio 0.25) + GPTQ, optimal allocation at {args.bits} bits",
         f"model build (random init, CPU): {build_s:.1f} s",
