@@ -438,12 +438,15 @@ def main(argv=None) -> int:
         help="largest-batch search: linear memory fit + few runs (default), or doubling + bisection",
     )
     p.add_argument("--out", default=None, help="write the table here (and the raw numbers next to it as .json)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (1 avoids oversubscription on a busy CPU)")
     p.add_argument("--ppl-model", default=None, help="model dir or .gguf file: text perplexity per cache method")
     p.add_argument("--ppl-text", default=None, help="text file for --ppl-model")
     p.add_argument("--ppl-prefix", type=int, default=512)
     p.add_argument("--ppl-decode", type=int, default=256)
     p.add_argument("--ppl-chunks", type=int, default=2)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not (args.gpu or args.cpu_smoke or args.ppl_model):
         p.error("choose --gpu, --cpu-smoke or --ppl-model (the accuracy functions are also importable)")
     if args.gpu and not torch.cuda.is_available():

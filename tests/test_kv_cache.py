@@ -142,7 +142,7 @@ def test_prefill_sees_its_own_tokens_exactly_and_decoding_the_quantized_past():
     assert (step - ref[:, -1]).abs().max() > 1e-4  # attended over a 2-bit past
 
 
-@pytest.mark.parametrize("family", ["llama", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llama", "llava", "llava_next", "qwen2_vl", "idefics3"])
 def test_generation_on_tiny_models(family):
     model, processor = build(family, num_layers=3)
     adapter = get_adapter(model)

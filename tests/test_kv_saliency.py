@@ -99,6 +99,8 @@ def test_measure_saliency_on_tiny_llava():
     assert all(t > 0 and i > 0 for t, i in zip(profile.text_attention, profile.image_attention))
     expected = ["TSA" if t > i else "PSA" for t, i in zip(profile.text_attention, profile.image_attention)]
     assert list(profile.patterns) == expected
+    assert len(profile.pivot_count) == 3 and all(c >= 0 for c in profile.pivot_count)
+    assert all(0.0 <= share <= 1.0 for share in profile.pivot_in_image + profile.pivot_at_first)
     assert KVSaliencyProfile.from_json(profile.to_json()) == profile
 
 
