@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from casp.errors import ModelLoadError
-from casp.models import idefics3, llama, llava, llava_next, qwen2_vl
+from casp.models import idefics3, llama, llava, llava_next, qwen2_vl, realvlm
 from casp.models.base import LLAMA_LINEAR_GROUPS, ModelAdapter
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
@@ -17,6 +17,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     llava_next.ADAPTER,
     qwen2_vl.ADAPTER,
     idefics3.ADAPTER,
+    realvlm.ADAPTER,
 )
 
 
