@@ -43,16 +43,19 @@ def cases():
                 act = group == 128 and bits in (2, 4)
                 for M in (1, 4, 16, 2048):
                     out.append((N, K, group, bits, act, torch.float16, M, None, False))
-                out.append((N, K, group, bits, act, torch.float16, 16, "gemv", False))
-                out.append((N, K, group, bits, act, torch.float16, 4, "dot", False))
+                for M, path in ((1, "gemv"), (16, "gemv"), (4, "dot"), (3, "tc")):
+                    out.append((N, K, group, bits, act, torch.float16, M, path, False))
     for N, K in BIG[1:2]:
         for bits in (2, 3, 4):
-            for M in (1, 16, 2048):
+            for M in (1, 4, 16, 2048):
                 out.append((N, K, 128, bits, True, torch.bfloat16, M, None, True))
     for N, K, group in ODD:
         for bits in (2, 3, 4, 8):
             for dtype in (torch.float16, torch.bfloat16):
-                for M, path in ((1, None), (3, None), (16, None), (37, None), (100, None), (5, "gemv"), (5, "dot")):
+                for M, path in (
+                    (1, None), (3, None), (16, None), (37, None), (100, None), (5, "gemv"), (5, "dot"), (1, "tc"),
+                    (1, "gemv"),
+                ):  # fmt: skip
                     out.append((N, K, group, bits, bits == 3, dtype, M, path, M % 2 == 1))
     return out
 
@@ -94,7 +97,7 @@ def main() -> None:
         bias = torch.randn(N, device="cuda", dtype=dtype) if use_bias else None
         if path is None:
             y = kernels.linear(x, qw, bias)
-            name = f"dispatch:{tu.choose_path(M)}"
+            name = f"dispatch:{tu.choose_path(M, bits, g, qw.n_groups)}"
         else:
             perm = qw.perm
             y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, perm, bits, g, bias, path)

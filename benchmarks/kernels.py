@@ -43,11 +43,12 @@ ROTATE_BYTES = 200e6  # > 160 MB: weights stream from HBM, not L2
 
 C = tu.KernelConfig
 SWEEP = {
-    "gemv": [C(16, 512, 4, split=1), C(16, 512, 4, split=2), C(16, 512, 4, split=4), C(16, 512, 4, split=8),
-             C(32, 512, 4, split=4), C(8, 512, 4, split=4), C(8, 1024, 4, split=2), C(16, 256, 4, split=4),
-             C(16, 1024, 8, split=4), C(32, 256, 4, split=8)],
-    "dot": [C(32, 128, 4, split=1), C(32, 128, 4, split=2), C(32, 128, 4, split=4), C(32, 128, 4, split=8),
-            C(64, 128, 4, split=4), C(16, 256, 4, split=4), C(32, 256, 8, split=4)],
+    "gemv": [C(32, 512, 4, split=4), C(16, 512, 4, split=2), C(8, 512, 4, split=4), C(32, 256, 4, split=8),
+             C(64, 256, 4, split=4)],
+    "tc": [C(64, 128, 4, split=1), C(64, 128, 4, split=2), C(64, 128, 4, split=4), C(64, 128, 4, split=8),
+           C(128, 128, 4, split=2), C(128, 128, 4, split=4), C(128, 128, 4, split=8), C(64, 64, 4, split=4),
+           C(128, 64, 4, split=4)],
+    "dot": [C(32, 128, 4, split=4), C(64, 128, 4, split=4), C(16, 256, 4, split=4), C(64, 128, 4, split=8)],
     "dequant": [C(32, 256, 4, 1)],
 }  # fmt: skip
 
@@ -158,10 +159,12 @@ def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool):
     return [c.replace(bm=bm) for c in SWEEP[path] if c.bk >= uc]
 
 
-def paths_for(M: int, sweep: bool) -> list[str]:
+def paths_for(M: int, bits: int, sweep: bool) -> list[str]:
+    G = -(-4096 // GROUP)
     if not sweep:
-        return [tu.choose_path(M)]
-    return {1: ["gemv"], 4: ["gemv", "dot"], 16: ["gemv", "dot"]}.get(M, ["dequant"])
+        return [tu.choose_path(M, bits, GROUP, G)]
+    small = "tc" if tu.tc_supported(bits, GROUP, G) else "dot"
+    return {1: ["gemv", small], 4: ["gemv", small], 16: [small]}.get(M, ["dequant"])
 
 
 def errors(qw: UniformWeight, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
@@ -191,7 +194,7 @@ def main() -> None:
         for (N, K) in shapes
         for b in bits_list
         for M in batches
-        for p in paths_for(M, args.sweep)
+        for p in paths_for(M, b, args.sweep)
         for c in candidates(p, b, N, K, M, args.sweep)
     ]
     precompile(tasks, args.workers)
@@ -212,7 +215,7 @@ def main() -> None:
         f"{'TB/s':>6} {'%peak':>6} {'%copy':>6} {'err_torch':>9} {'err_fp32':>9} {'rel':>8}",
     ]
     print("\n".join(lines), flush=True)
-    tuned, sweep_log = {}, []
+    tuned, sweep_log, m1_paths = {}, [], []
     for N, K in shapes:
         torch.manual_seed(0)
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(N * K * 2))]
@@ -225,7 +228,7 @@ def main() -> None:
             for M in batches:
                 x = xs[M]
                 best = None
-                for path in paths_for(M, args.sweep):
+                for path in paths_for(M, bits, args.sweep):
                     for cfg in candidates(path, bits, N, K, M, args.sweep):
                         us = time_calls([kernel_call(qw, x, path, cfg) for qw in layers])
                         sweep_log.append(f"{N}x{K} b{bits} M={M} {path} {cfg!r}: {us:.2f} us")
@@ -233,14 +236,16 @@ def main() -> None:
                             best = (us, path, cfg)
                 us, path, cfg = best
                 if args.sweep and M in (1, 16):
-                    tuned[(path, bits, N, K)] = cfg
-                if args.sweep and M == 4:
-                    tuned[("m4", bits, N, K)] = cfg.replace(bm=16)
+                    tuned[(path, bits, N, K, M)] = cfg
+                if args.sweep and M == 1:
+                    m1_paths.append((bits, path))
                 y = kernel_call(qw0, x, path, cfg)()
                 e_torch, e_fp32, rel = errors(qw0, x, y)
                 nbytes = packed_bytes(qw0) + x.numel() * 2
                 tbs = nbytes / (us * 1e-6) / 1e12
-                cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}" + (f"m{cfg.bm}" if path == "dot" else "")
+                cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}" + (
+                    f"m{cfg.bm}" if path in ("dot", "tc") else ""
+                )
                 line = (
                     f"{N:>5}x{K:<6} {bits:>4} {M:>5} {path:>7} {cfg_s:>22} {us:9.1f} {fp16_us[M]:9.1f} "
                     f"{fp16_us[M] / us:7.2f}x {tbs:6.2f} {100 * tbs / PEAK_TBS:5.0f}% {100 * tbs / copy_tbs:5.0f}% "
@@ -264,6 +269,8 @@ def main() -> None:
             ]
             + ["}"]
         )
+        gemv_wins = sorted({b for b, p in m1_paths if p == "gemv"})
+        table.append(f"M=1 rows where the CUDA-core gemv beat the tensor-core kernel, by bits: {gemv_wins}")
         print("\n".join(table))
         lines += table
     if args.sweep_log:

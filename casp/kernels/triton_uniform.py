@@ -117,6 +117,166 @@ def _u32(w0, w1, w2, P0: tl.constexpr, S: tl.constexpr, BITS: tl.constexpr, ASM:
     return tl.interleave(_u16(w0, w1, w2, P0, 2 * S, BITS, ASM), _u16(w0, w1, w2, P0 + S, 2 * S, BITS, ASM))
 
 
+# fp16 decode for the tensor-core kernel (b in {2, 4, 8}). The two 16-bit halves of a word are decoded
+# together: code J sits at bit J*b of the low half and code J + 8/b*... (J + P/2) at the same offset of the
+# high half, so one LOP3 ``(w & mask) | 0x64006400`` gives the half2 (1024 + c_lo 2^sh, 1024 + c_hi 2^sh),
+# exact while c 2^sh < 1024; one HFMA2 turns it into (c_lo, c_hi) and a second one into the weights
+# c s - z s. Codes higher in the half are read from w >> 8 so that the condition holds.
+@triton.jit
+def _pair(w, s2, z2, J: tl.constexpr, BITS: tl.constexpr, SCALED: tl.constexpr, ASM: tl.constexpr):
+    """fp16 codes J and J + 16 // BITS of each word, or with SCALED the weights c s - z s.
+
+    s2, z2: half2 (s, s) and (-z s, -z s) packed in int32 (plain fp16 s and -z s without ASM).
+    """
+    S: tl.constexpr = J * BITS
+    FAR: tl.constexpr = ((1 << BITS) - 1) * (1 << S) >= 1024
+    SH: tl.constexpr = S - 8 * FAR
+    MASK: tl.constexpr = (((1 << BITS) - 1) << SH) * 65537
+    SCALE: tl.constexpr = ((15 - SH) << 10) * 65537  # half2(2^-sh, 2^-sh)
+    OFF: tl.constexpr = (0x8000 | ((25 - SH) << 10)) * 65537  # half2(-2^(10-sh), -2^(10-sh))
+    src = w
+    if FAR:
+        src = w >> 8  # arithmetic shift: the mask keeps bits below 24 only
+    if not ASM:
+        # same values without inline PTX (Triton's CPU interpreter); s2, z2 are then plain fp16 s and -z s
+        lo = ((src >> SH) & ((1 << BITS) - 1)).to(tl.float16)
+        hi = ((src >> (16 + SH)) & ((1 << BITS) - 1)).to(tl.float16)
+        if SCALED:
+            lo = (lo.to(tl.float32) * s2.to(tl.float32) + z2.to(tl.float32)).to(tl.float16)
+            hi = (hi.to(tl.float32) * s2.to(tl.float32) + z2.to(tl.float32)).to(tl.float16)
+    elif SCALED:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, $3, $4, 0xEA; fma.rn.f16x2 t, t, $5, $6; fma.rn.f16x2 t, t, $7, $8; "
+            "mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r,r,r,r,r,r",
+            [
+                src,
+                tl.full(w.shape, MASK, tl.uint32),
+                tl.full(w.shape, 0x64006400, tl.uint32),
+                tl.full(w.shape, SCALE, tl.uint32),
+                tl.full(w.shape, OFF, tl.uint32),
+                s2,
+                z2,
+            ],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, $3, $4, 0xEA; fma.rn.f16x2 t, t, $5, $6; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r,r,r,r",
+            [
+                src,
+                tl.full(w.shape, MASK, tl.uint32),
+                tl.full(w.shape, 0x64006400, tl.uint32),
+                tl.full(w.shape, SCALE, tl.uint32),
+                tl.full(w.shape, OFF, tl.uint32),
+            ],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+    return lo, hi
+
+
+@triton.jit
+def _hcode(w, s2, z2, J: tl.constexpr, HI: tl.constexpr, BITS: tl.constexpr, SCALED: tl.constexpr, ASM: tl.constexpr):
+    lo, hi = _pair(w, s2, z2, J, BITS, SCALED, ASM)
+    v = lo
+    if HI:
+        v = hi
+    return v
+
+
+# Trees over the pair index J (HI selects the high-half code of each pair); column u*N + t holds pair J0 + S*t.
+@triton.jit
+def _h2(
+    w,
+    s2,
+    z2,
+    J0: tl.constexpr,
+    S: tl.constexpr,
+    HI: tl.constexpr,
+    BITS: tl.constexpr,
+    SCALED: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    return tl.interleave(_hcode(w, s2, z2, J0, HI, BITS, SCALED, ASM), _hcode(w, s2, z2, J0 + S, HI, BITS, SCALED, ASM))
+
+
+@triton.jit
+def _h4(
+    w,
+    s2,
+    z2,
+    J0: tl.constexpr,
+    S: tl.constexpr,
+    HI: tl.constexpr,
+    BITS: tl.constexpr,
+    SCALED: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    return tl.interleave(
+        _h2(w, s2, z2, J0, 2 * S, HI, BITS, SCALED, ASM), _h2(w, s2, z2, J0 + S, 2 * S, HI, BITS, SCALED, ASM)
+    )
+
+
+@triton.jit
+def _h8(
+    w,
+    s2,
+    z2,
+    J0: tl.constexpr,
+    S: tl.constexpr,
+    HI: tl.constexpr,
+    BITS: tl.constexpr,
+    SCALED: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    return tl.interleave(
+        _h4(w, s2, z2, J0, 2 * S, HI, BITS, SCALED, ASM), _h4(w, s2, z2, J0 + S, 2 * S, HI, BITS, SCALED, ASM)
+    )
+
+
+@triton.jit
+def _htree(w, s2, z2, HI: tl.constexpr, BITS: tl.constexpr, SCALED: tl.constexpr, ASM: tl.constexpr):
+    """[BN, BU * 16 // BITS]: for each word, its low-half codes (HI=False) or high-half codes, in order."""
+    if BITS == 2:
+        v = _h8(w, s2, z2, 0, 1, HI, BITS, SCALED, ASM)
+    elif BITS == 4:
+        v = _h4(w, s2, z2, 0, 1, HI, BITS, SCALED, ASM)
+    else:
+        v = _h2(w, s2, z2, 0, 1, HI, BITS, SCALED, ASM)
+    return v
+
+
+@triton.jit
+def _pack_half2(h):
+    """int32 tile holding half2 (h, h)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [h], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _codes_fp16(w, s, z, BITS: tl.constexpr, SCALED: tl.constexpr, ASM: tl.constexpr):
+    """fp16 tile [BN, BU * 32 // BITS] of words w [BN, BU]: the codes c, or with SCALED the weights (c - z) s
+    (s, z: fp16 scales and zeros broadcastable to w).
+
+    Columns are in *pair order* within each word: column u*P + 2j + h holds code j + h*P/2 of word u,
+    so the two halves of one decoded half2 stay adjacent (the caller reads x in the same order).
+    """
+    if SCALED:
+        s2 = s
+        z2 = (-(z.to(tl.float32) * s.to(tl.float32))).to(tl.float16)
+        if ASM:
+            s2 = _pack_half2(s2)
+            z2 = _pack_half2(z2)
+    else:
+        s2 = w
+        z2 = w
+    return tl.interleave(_htree(w, s2, z2, False, BITS, SCALED, ASM), _htree(w, s2, z2, True, BITS, SCALED, ASM))
+
+
 @triton.jit
 def _load_words(qw_ptr, rn, nmask, u0, u_end, stride_qn, UW: tl.constexpr, BU: tl.constexpr):
     """Words of units [u0, min(u0 + BU, u_end)) of rows rn: [BN, BU] tiles w0 (and w1, w2 for 3 bits)."""
@@ -294,6 +454,84 @@ def _dot_kernel(
 
 
 @triton.jit
+def _tc_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, n_units, units_per_split, G, GROUP, stride_xm, stride_qn, stride_sn, stride_ym,
+    BITS: tl.constexpr, UC: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
+    FACTORED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """y[rm, rn] = x[rm] W[rn]^T: weights dequantized to fp16 in registers (2 codes per LOP3 + 2 HFMA2), tl.dot.
+
+    FACTORED: each K tile lies in one group (or the layer has one group): the tile's codes go to the tensor
+    cores as they are and the scale and zero are applied to the [BN, BM] partial product. Else scales and
+    zeros are looked up per packed word and applied while decoding.
+    """
+    BU: tl.constexpr = BK // UC
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    nmask = rn < N
+    mmask = rm < M
+    rk = tl.arange(0, BK)
+    # pair order: tile column u*UC + 2j + h holds code j + h*UC/2 of word u; x is put in the same order
+    ru = tl.arange(0, BU)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    s_rows = rn[:, None].to(tl.int64) * stride_sn
+    u_lo = pid_s * units_per_split
+    u_hi = tl.minimum(u_lo + units_per_split, n_units)
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    xacc = tl.zeros([BM], dtype=tl.float32)
+    w0n, _, _ = _load_words(qw_ptr, rn, nmask, u_lo, u_hi, stride_qn, 1, BU)
+    for u0 in range(u_lo, u_hi, BU):
+        w = w0n
+        w0n, _, _ = _load_words(qw_ptr, rn, nmask, u0 + BU, u_hi, stride_qn, 1, BU)
+        kk = u0 * UC + rk
+        xt = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :], other=0.0)  # [BM, BK]
+        # into pair order: (u, h, j) -> (u, j, h)
+        xt = tl.reshape(tl.permute(tl.reshape(xt, [BM, BU, 2, UC // 2]), [0, 1, 3, 2]), [BM, BK])
+        if FACTORED:
+            # codes only; the tile lies in one group: acc += s (x.q - z sum(x)) per row
+            q = _codes_fp16(w, w, w, BITS, False, ASM)  # [BN, BK] fp16 codes, pair order
+            d = tl.dot(q.to(xt.dtype), tl.trans(xt))  # [BN, BM]
+            xs = tl.sum(xt.to(tl.float32), axis=1)  # [BM]
+            if ONE_GROUP:
+                acc += d
+                xacc += xs
+            else:
+                g = u0 * UC // GROUP
+                sc = tl.load(s_ptr + s_rows + g, mask=nmask[:, None], other=0.0).to(tl.float32)  # [BN, 1]
+                zc = tl.load(z_ptr + s_rows + g, mask=nmask[:, None], other=0.0).to(tl.float32)
+                acc += sc * (d - zc * xs[None, :])
+        else:
+            # several groups per tile: scales and zeros per packed word, applied while decoding
+            g = (u0 + ru) * UC // GROUP
+            gm = nmask[:, None] & (g < G)[None, :]
+            s = tl.load(s_ptr + s_rows + g[None, :], mask=gm, other=0.0)  # [BN, BU]
+            z = tl.load(z_ptr + s_rows + g[None, :], mask=gm, other=0.0)
+            wt = _codes_fp16(w, s, z, BITS, True, ASM)  # [BN, BK] fp16 weights, pair order
+            acc = tl.dot(wt.to(xt.dtype), tl.trans(xt), acc)  # [BN, BM]: the weight tile is the A operand
+    if ONE_GROUP:
+        sc = tl.load(s_ptr + s_rows, mask=nmask[:, None], other=0.0).to(tl.float32)
+        zc = tl.load(z_ptr + s_rows, mask=nmask[:, None], other=0.0).to(tl.float32)
+        acc = sc * (acc - zc * xacc[None, :])
+    acc = tl.trans(acc)
+    omask = mmask[:, None] & nmask[None, :]
+    if SPLIT > 1:
+        off = rm[:, None] * N + rn[None, :]
+        acc, last = _split_reduce(
+            acc, ws_ptr, cnt_ptr, off, omask, pid_n * tl.num_programs(1) + pid_m, pid_s, M * N, SPLIT
+        )
+        omask = omask & last
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _dequant_kernel(
     qw_ptr, s_ptr, z_ptr, w_ptr,
     N, K, n_units, G, GROUP, stride_qn, stride_sn, stride_wn,
@@ -355,12 +593,15 @@ class KernelConfig:
         )
 
 
-# Best configs measured on an H100 (benchmarks/kernels.py --sweep), keyed (path, bits, N, K); others use defaults.
-TUNED: dict[tuple[str, int, int, int], KernelConfig] = {}
+# Best configs measured on an H100 (benchmarks/kernels.py --sweep), keyed (path, bits, N, K, m_bucket(M));
+# other shapes use default_config.
+TUNED: dict[tuple[str, int, int, int, int], KernelConfig] = {}
 
-# Paths by batch rows M: gemv for M <= GEMV_MAX_M, tensor-core dot for M <= DOT_MAX_M, else dequantize + cuBLAS.
+# Paths by batch rows M (choose_path): tensor cores up to DOT_MAX_M rows, else dequantize + cuBLAS; the CUDA-core
+# gemv at M <= GEMV_MAX_M where tc is unsupported, and at M = 1 for the bit widths in GEMV_AT_M1.
 GEMV_MAX_M = 1
 DOT_MAX_M = 64
+GEMV_AT_M1: tuple[int, ...] = ()
 
 # Split-K counters: one zeroed int32 buffer per device, created outside graph capture and reset by the
 # kernels themselves (like a cuBLAS workspace). Launches on concurrent streams of one device must not
@@ -374,26 +615,42 @@ def unit_geometry(bits: int) -> tuple[int, int]:
     return (32, 3) if bits == 3 else (32 // bits, 1)
 
 
-def default_config(path: str, bits: int, N: int, K: int, M: int = 1) -> KernelConfig:
+def default_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size: int = 128) -> KernelConfig:
     """A reasonable config when the shape is not in TUNED: enough programs along N and K to fill 132 SMs."""
     uc, _ = unit_geometry(bits)
     if path == "gemv":
-        bn, bk = 16, max(512, uc)
+        bn, bk = 32, max(512, uc)
         split = max(1, min(8, (132 * 8) // max(1, -(-N // bn))))
         return KernelConfig(bn, bk, 4, 2, split=split)
+    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+    if path == "tc":
+        bn = 64
+        # a K tile inside one group lets the scales be applied after the dot (see _tc_kernel)
+        bk = next((b for b in (128, 64, 32, 16) if group_size % b == 0 and b >= uc), 128)
+        split = max(1, min(8, (132 * 4) // max(1, -(-N // bn) * -(-M // bm))))
+        return KernelConfig(bn, bk, 4, 2, bm=bm, split=split)
     if path == "dot":
-        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
         bn = 64
         split = max(1, min(8, (132 * 4) // max(1, -(-N // bn) * -(-M // bm))))
-        return KernelConfig(bn, max(256, uc), 4, 2, bm=bm, split=split)
+        return KernelConfig(bn, max(128, uc), 4, 2, bm=bm, split=split)
     return KernelConfig(32, max(256, uc), 4, 1)
 
 
-def pick_config(path: str, bits: int, N: int, K: int, M: int = 1) -> KernelConfig:
-    cfg = TUNED.get((path, bits, N, K))
-    if cfg is not None and path == "dot":
-        cfg = cfg.replace(bm=default_config(path, bits, N, K, M).bm)
-    return cfg or default_config(path, bits, N, K, M)
+def m_bucket(M: int) -> int:
+    """Batch-size bucket of the TUNED table: 1, 16 (2..16 rows) or 64 (more)."""
+    return 1 if M == 1 else (16 if M <= 16 else 64)
+
+
+def pick_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size: int = 128) -> KernelConfig:
+    cfg = TUNED.get((path, bits, N, K, m_bucket(M)))
+    base = default_config(path, bits, N, K, M, group_size)
+    if cfg is None:
+        return base
+    if path in ("dot", "tc"):
+        cfg = cfg.replace(bm=base.bm)
+    if path == "tc" and group_size % cfg.bk and K > group_size:
+        cfg = cfg.replace(bk=base.bk)  # keep K tiles inside one group
+    return cfg
 
 
 def _interpreting() -> bool:
@@ -494,6 +751,45 @@ def dot(
     return y
 
 
+def tc_supported(bits: int, group_size: int, n_groups: int, bk: int = 0) -> bool:
+    """The fp16-decode tensor-core kernel handles 2/4/8 bits with groups of whole words (or one group)."""
+    uc = unit_geometry(bits)[0]
+    return bits in (2, 4, 8) and (n_groups == 1 or group_size % uc == 0)
+
+
+def tc(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    cfg: KernelConfig | None = None,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] W^T, weights dequantized to fp16 in registers, tensor cores (M <= BM rows per program)."""
+    M, K = x.shape
+    N, n_groups = scales.shape
+    if not tc_supported(bits, group_size, n_groups):
+        return dot(x, qweight, scales, zeros, bits, group_size, bias)
+    cfg = cfg or pick_config("tc", bits, N, K, M, group_size)
+    uc, _ = unit_geometry(bits)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    n_units = _n_units(K, bits)
+    nb, mb = triton.cdiv(N, cfg.bn), triton.cdiv(M, cfg.bm)
+    per, split, ws, cnt = _split_plan(n_units, cfg.bk // uc, cfg.split, nb * mb, M, N, x.device)
+    factored = n_groups == 1 or group_size % cfg.bk == 0
+    _tc_kernel[(nb, mb, split)](
+        x, qweight, scales, zeros, bias if bias is not None else y, y, ws if ws is not None else y,
+        cnt if cnt is not None else qweight,
+        M, N, K, n_units, per, n_groups, group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        BITS=bits, UC=uc, ASM=not _interpreting(), HAS_BIAS=bias is not None, ONE_GROUP=n_groups == 1,
+        FACTORED=factored,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y
+
+
 def dequantize(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -546,8 +842,14 @@ def _check_inputs(x, qweight, scales, zeros, perm, bits, group_size, bias) -> No
         raise ValueError("qweight, scales and zeros must be contiguous")
 
 
-def choose_path(M: int) -> str:
-    return "gemv" if M <= GEMV_MAX_M else ("dot" if M <= DOT_MAX_M else "dequant")
+def choose_path(M: int, bits: int, group_size: int, n_groups: int) -> str:
+    """Kernel for M activation rows: fp16-decode tensor cores where supported (2/4/8 bits), CUDA-core gemv or the
+    fp32-decode tensor-core kernel otherwise, dequantize + cuBLAS for large M."""
+    if M > DOT_MAX_M:
+        return "dequant"
+    if tc_supported(bits, group_size, n_groups) and not (M == 1 and bits in GEMV_AT_M1):
+        return "tc"
+    return "gemv" if M <= GEMV_MAX_M else "dot"
 
 
 def uniform_linear(
@@ -577,7 +879,7 @@ def uniform_linear(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, N)
-    path = path or choose_path(M)
+    path = path or choose_path(M, bits, group_size, scales.shape[1])
     if path == "dequant":
         w = dequantize(qweight, scales, zeros, bits, group_size, K, x.dtype, cfg)
         y = F.linear(x2, w, bias)
@@ -585,6 +887,8 @@ def uniform_linear(
         y = dot(x2, qweight, scales, zeros, bits, group_size, bias, cfg)
     elif path == "gemv":
         y = gemv(x2, qweight, scales, zeros, bits, group_size, bias, cfg)
+    elif path == "tc":
+        y = tc(x2, qweight, scales, zeros, bits, group_size, bias, cfg)
     else:
-        raise ValueError(f"unknown kernel path {path!r}; use 'gemv', 'dot' or 'dequant'")
+        raise ValueError(f"unknown kernel path {path!r}; use 'gemv', 'tc', 'dot' or 'dequant'")
     return y.reshape(*lead, N)
