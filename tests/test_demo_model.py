@@ -109,6 +109,12 @@ def test_train_batch_loss_and_generate(tiny):
         labels=torch.as_tensor(b["labels"]),
     )
     assert torch.isfinite(out.loss) and out.loss.item() > 1.0  # untrained: near log(vocab)
+    # training drops the mask: right padding under causal attention never reaches a real token
+    unmasked = model(
+        input_ids=torch.as_tensor(b["input_ids"]), pixel_values=pixel_values(b["images"]),
+        labels=torch.as_tensor(b["labels"]),
+    )  # fmt: skip
+    assert torch.allclose(out.loss, unmasked.loss, atol=1e-5)
     examples = [world.make_example("test", 0, i, world.balanced_type(i)) for i in range(3)]
     preds = predict(model, processor, examples, max_new_tokens=3)
     assert len(preds) == 3 and all(isinstance(p, str) for p in preds)

@@ -371,9 +371,10 @@ def train(
         batch = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in next_batch.items()}
         next_batch = next(batches)
         with autocast:
+            # No attention mask: padding is on the right and attention is causal, so no real token
+            # sees a pad; without a mask SDPA takes its fused causal kernels.
             loss = model(
                 input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
                 pixel_values=normalize_pixels(batch["images"]),
                 labels=batch["labels"],
             ).loss
@@ -428,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="checkpoint directory to write")
     ap.add_argument("--init", type=Path, help="continue training from this saved demo checkpoint")
     ap.add_argument("--eval", type=Path, help="only score this saved checkpoint (--final-eval-n questions)")
+    ap.add_argument(
+        "--eval-dtype",
+        choices=["auto", "float16", "float32"],
+        default="auto",
+        help="compute dtype for --eval (auto: float16 on cuda, float32 on cpu)",
+    )
     ap.add_argument("--min-text-tokens", type=int, default=TrainConfig.min_text_tokens)
     ap.add_argument("--max-turns", type=int, default=TrainConfig.max_turns)
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
@@ -446,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda requested but CUDA is not available; use --device cpu")
     if args.eval is not None:
-        dtype = torch.float16 if args.device == "cuda" else torch.float32
+        dtype = {"float16": torch.float16, "float32": torch.float32}.get(args.eval_dtype)
+        dtype = dtype or (torch.float16 if args.device == "cuda" else torch.float32)
         print(json.dumps(evaluate_checkpoint(args.eval, args.final_eval_n, args.device, dtype), indent=1))
         return 0
     if args.out is None:
