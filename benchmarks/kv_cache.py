@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable
 
 # Run as a script, this folder leads sys.path and benchmarks/kernels.py would shadow the `kernels`
-# package that transformers probes at import time: drop the folder (casp comes from the install / PYTHONPATH).
+# package that transformers probes at import time: put the repository root there instead (casp importable).
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
@@ -371,6 +371,39 @@ def efficiency_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def memory_ratios(lengths=(664, 2048), image_span=(5, 581), pivots=(0, 7, 300), layers: int = 32) -> dict:
+    """Cache bytes vs an fp16 cache at LLaVA-1.5-7B's KV shape (32 layers x 32 heads x 128), batch 1.
+
+    No weights are needed: the model is built on the meta device and K/V are random fp16 states fed
+    to each layer's cache as one prefill of T tokens. AKVQ-VL runs with its default patterns (layers
+    0-1 TSA, the rest PSA), ``image_span`` marked as image tokens and ``pivots`` kept in fp16 in PSA layers.
+    """
+    model = llava7b_language_model(torch.device("meta"), layers=layers)
+    adapter = get_adapter(model)
+    methods = {k: v for k, v in cache_methods(model, adapter).items() if k != "fp16"}
+    out = {}
+    for t in lengths:
+        fp16 = 2 * layers * 32 * t * 128 * 2
+        row = {"fp16 MB": fp16 / 2**20}
+        for name, make in methods.items():
+            cache = make()
+            if isinstance(cache, AKVQCache):
+                mask = torch.zeros(1, t, dtype=torch.bool)
+                mask[:, image_span[0] : min(image_span[1], t)] = True
+                cache.prepare(image_mask=mask)
+                for layer in cache.layers:
+                    layer.pivots = torch.zeros(1, t, dtype=torch.bool)
+                    layer.pivots[0, list(pivots)] = True
+            g = torch.Generator().manual_seed(t)
+            for i in range(layers):
+                k, v = torch.randn(2, 1, 32, t, 128, generator=g).half()
+                cache.update(k, v, i)
+            row[name] = fp16 / cache.memory_bytes()
+        out[t] = row
+    return out
+
+
 def load_causal_lm(path: str):
     """(model, tokenizer, adapter) from a model directory or a .gguf file (dequantized to fp32 by transformers)."""
     if path.endswith(".gguf"):
@@ -439,6 +472,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", default=None, help="write the table here (and the raw numbers next to it as .json)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (1 avoids oversubscription on a busy CPU)")
+    p.add_argument("--memory", action="store_true", help="cache memory vs fp16 at LLaVA-7B KV shapes (CPU)")
     p.add_argument("--ppl-model", default=None, help="model dir or .gguf file: text perplexity per cache method")
     p.add_argument("--ppl-text", default=None, help="text file for --ppl-model")
     p.add_argument("--ppl-prefix", type=int, default=512)
@@ -447,8 +481,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.gpu or args.cpu_smoke or args.ppl_model):
-        p.error("choose --gpu, --cpu-smoke or --ppl-model (the accuracy functions are also importable)")
+    if not (args.gpu or args.cpu_smoke or args.ppl_model or args.memory):
+        p.error("choose --gpu, --cpu-smoke, --memory or --ppl-model (the accuracy functions are also importable)")
     if args.gpu and not torch.cuda.is_available():
         p.error("--gpu needs CUDA")
     if args.cpu_smoke:
@@ -458,6 +492,17 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    if args.memory:
+        res = memory_ratios()
+        names = list(next(iter(res.values())))
+        text = "fp16 cache bytes / cache bytes, LLaVA-1.5-7B KV shape (32 layers, 32 heads, dim 128), batch 1\n"
+        text += "| tokens | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+        text += "\n".join(f"| {t} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |" for t, row in res.items())
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return 0
     if args.ppl_model:
         if not args.ppl_text:
             p.error("--ppl-model needs --ppl-text")

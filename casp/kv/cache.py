@@ -208,14 +208,19 @@ class WindowedQuantLayer(CacheLayerMixin):
         out_k[:, :, s : s + w], out_v[:, :, s : s + w] = self.keys, self.values
         out_k[:, :, s + w :], out_v[:, :, s + w :] = key_states, value_states
         self.length += key_states.shape[-2]
-        window_k = torch.cat([self.keys, key_states], dim=-2)
-        window_v = torch.cat([self.values, value_states], dim=-2)
+        if w:
+            window_k = torch.cat([self.keys, key_states], dim=-2)
+            window_v = torch.cat([self.values, value_states], dim=-2)
+        else:  # prefill: no copy of a possibly huge prompt
+            window_k, window_v = key_states, value_states
         n = (window_k.shape[-2] - self.residual) // self.block * self.block
         if n > 0:
             self._store(window_k[:, :, :n], window_v[:, :, :n], start=self.stored)
             self.stored += n
             # clone: a slice would keep the whole window's storage alive
             window_k, window_v = window_k[:, :, n:].clone(), window_v[:, :, n:].clone()
+        elif not w:  # own the states (the caller's may be a view of a larger buffer)
+            window_k, window_v = window_k.clone(), window_v.clone()
         self.keys, self.values = window_k, window_v
         return out_k, out_v
 
@@ -275,10 +280,17 @@ class WindowedQuantLayer(CacheLayerMixin):
             yield from self.stored_tensors()
 
 
-def _quantize_rows(x: torch.Tensor, bits: int, group: int, clip: float) -> PackedKV:
-    """quantize_tokens on [N, ...] in slices of rows (bounded fp32 temporaries)."""
+def _quantize_rows(x: torch.Tensor, bits: int, group: int, clip: float, h: torch.Tensor | None) -> PackedKV:
+    """Rows [N, H, d] of quantize_tokens(x H) for tokens x [n, ..., H, d] (N = all leading dims).
+
+    Works on slices of dim 0 so that the rotated copy and the fp32 temporaries stay small, and reads
+    ``x`` through views (no full copy of a large prefill)."""
     step = max(1, _QUANT_SLICE // max(1, x[0].numel()))
-    parts = [quantize_tokens(x[i : i + step], bits, group, clip) for i in range(0, x.shape[0], step)]
+    parts = []
+    for i in range(0, x.shape[0], step):
+        part = x[i : i + step]
+        p = quantize_tokens(part if h is None else part @ h, bits, group, clip)
+        parts.append(PackedKV(p.codes.flatten(0, -4), p.scale.flatten(0, -3), p.zero.flatten(0, -3), bits))
     return parts[0] if len(parts) == 1 else PackedKV.cat(parts)
 
 
@@ -367,9 +379,7 @@ class AKVQLayer(WindowedQuantLayer):
         return prefix.nonzero() if bool(prefix.any()) else None
 
     def _encode(self, rows: torch.Tensor, cls: int, rotate: bool) -> PackedKV:
-        if rotate:
-            rows = rows @ self._h()
-        return _quantize_rows(rows, self.bits[cls], self.group, self.clip[cls])
+        return _quantize_rows(rows, self.bits[cls], self.group, self.clip[cls], self._h() if rotate else None)
 
     def _decode(self, rows: PackedKV, rotate: bool) -> torch.Tensor:
         x = dequantize(rows, self.dtype)
@@ -383,7 +393,8 @@ class AKVQLayer(WindowedQuantLayer):
             hit = cls == c
             if not bool(hit.any()):
                 continue
-            rows_k, rows_v = (k_t[hit], v_t[hit]) if not bool(hit.all()) else (k_t.flatten(0, 1), v_t.flatten(0, 1))
+            # all tokens of one class (uniform and PSA layers): quantize straight from the [n, B, H, d] view
+            rows_k, rows_v = (k_t, v_t) if bool(hit.all()) else (k_t[hit], v_t[hit])
             new_k = self._encode(rows_k, c, self.rotate_keys)  # rows [N, H, d]
             new_v = self._encode(rows_v, c, self.rotate_values)
             if c in self.k_rows:
