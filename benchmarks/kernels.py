@@ -43,12 +43,10 @@ ROTATE_BYTES = 200e6  # > 160 MB: weights stream from HBM, not L2
 
 C = tu.KernelConfig
 SWEEP = {
-    "gemv": [C(32, 512, 4, split=4), C(16, 512, 4, split=2), C(8, 512, 4, split=4), C(32, 256, 4, split=8),
-             C(64, 256, 4, split=4)],
-    "tc": [C(64, 128, 4, split=1), C(64, 128, 4, split=2), C(64, 128, 4, split=4), C(64, 128, 4, split=8),
-           C(128, 128, 4, split=2), C(128, 128, 4, split=4), C(128, 128, 4, split=8), C(64, 64, 4, split=4),
-           C(128, 64, 4, split=4)],
-    "dot": [C(32, 128, 4, split=4), C(64, 128, 4, split=4), C(16, 256, 4, split=4), C(64, 128, 4, split=8)],
+    "gemv": [C(32, 512, 4, split=4), C(16, 512, 4, split=2), C(8, 512, 4, split=4)],
+    "tc": [C(64, 128, 4, split=2), C(64, 128, 4, split=4), C(128, 128, 4, split=2), C(128, 128, 4, split=4),
+           C(128, 128, 4, split=8), C(128, 64, 4, split=4)],
+    "dot": [C(64, 128, 4, split=4), C(16, 256, 4, split=4)],
     "dequant": [C(32, 256, 4, 1)],
 }  # fmt: skip
 
