@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import LlamaConfig
 
 from casp.cli import main
+from casp.demo import world
 from casp.models import get_adapter, load_model
 from casp.realmodels.efficientnet import (
     DEFAULT_CACHE,
@@ -292,3 +293,63 @@ def test_cli_analyze_and_compress(standin_dir, tmp_path):
     with torch.no_grad():
         a, b = model(**inputs).logits, original(**inputs).logits
     assert not torch.equal(a, b) and (a - b).abs().max() < 0.5 * b.abs().max()
+
+
+# ---- projector training ----------------------------------------------------------------------------
+def test_chat_encoder_matches_processor_on_smollm2_tokenizer():
+    lm_dir = Path("~/.cache/casp/smollm2/model").expanduser()
+    if not (lm_dir / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 not cached (run casp fetch-parts)")
+    from transformers import AutoTokenizer
+
+    from casp.demo.train import IGNORE
+    from casp.demo.train_realvlm import ChatEncoder
+    from casp.realmodels.realvlm import CHAT_TEMPLATE, RealVLMProcessor
+
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    processor = RealVLMProcessor(tok, image_size=224, num_image_tokens=196)
+    scene = world.sample_scene(world.example_rng("train", 0, 5))
+    rng = np.random.default_rng(0)
+    turns = [world.make_turn(scene, rng) for _ in range(3)]
+    messages = []
+    for t, qa in enumerate(turns):
+        content = ([{"type": "image"}] if t == 0 else []) + [{"type": "text", "text": qa.question}]
+        messages += [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": qa.answer}]},
+        ]
+    text = processor.apply_chat_template(messages)
+    expected = processor(images=[Image.new("RGB", (8, 8))], text=[text])["input_ids"][0].tolist()
+    ids, labels = ChatEncoder(tok, 196).conversation(turns)
+    assert ids == expected
+    answers = [tok.decode([i for i, y in zip(ids, labels) if y != IGNORE])]
+    assert answers[0] == "".join(qa.answer + "<|im_end|>" for qa in turns)
+
+
+def test_train_projector_only_smoke(tmp_path):
+    from casp.demo.train_realvlm import TrainConfig, train
+
+    model, processor = tiny_standin()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("projector.")}
+    proj = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    tc = TrainConfig(
+        steps=3,
+        batch=2,
+        scenes=4,
+        warmup=1,
+        max_turns=2,
+        min_text_tokens=10,
+        eval_every=2,
+        eval_n=2,
+        final_eval_n=2,
+    )
+    log = train(model, processor, tmp_path / "out", tc, "cpu", include_parts=True)
+    assert log["steps"] == 3 and log["final_eval"]["n"] == 2 and len(log["history"]) == 1
+    assert log["trained_parameters"] == sum(v.numel() for v in proj.values())
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(files) <= 8 and "training_log.json" in files
+    saved = load_realvlm(tmp_path / "out")
+    state = saved.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())  # vision tower and LM untouched
+    assert any(not torch.equal(saved.projector.state_dict()[k], v) for k, v in proj.items())
