@@ -1,4 +1,4 @@
-"""casp.kernels.linear on CPU: falls back to the torch path, matches it, and never needs Triton."""
+"""casp.kernels.linear on CPU: falls back to the torch path, matches it, and never needs Triton; kernel choice."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from casp import kernels
+from casp.kernels import uniform_config as cfgs
 from casp.quant.linear import QuantLinear
 from casp.quant.uniform import UniformWeight
 
@@ -75,9 +76,68 @@ def test_import_and_cpu_call_without_triton():
         "qw = _layer()\n"
         "x = torch.randn(2, 72)\n"
         "assert torch.equal(kernels.linear(x, qw), qw.matmul(x))\n"
+        "from casp.kernels import uniform_config\n"
+        "assert uniform_config.choose_path(1, 2, 128, 32) == 'gemv'\n"
         "assert 'casp.kernels.triton_uniform' not in sys.modules\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# ---- kernel choice and tiling (pure Python; casp.kernels.uniform_config imports without Triton) ----
+
+
+def test_choose_path_by_batch_and_support():
+    for bits in (2, 4, 8):
+        assert cfgs.choose_path(1, bits, 128, 32) == "gemv"
+        assert cfgs.choose_path(4, bits, 128, 32) == "tc"
+        assert cfgs.choose_path(64, bits, 128, 32) == "tc"
+        assert cfgs.choose_path(65, bits, 128, 32) == "dequant"
+    assert cfgs.choose_path(1, 3, 128, 32) == "gemv"
+    assert cfgs.choose_path(16, 3, 128, 32) == "dot"  # 3-bit codes straddle words: no fp16 pair decode
+    assert cfgs.choose_path(16, 2, 8, 72) == "dot"  # group of 8 codes splits a 16-code word
+    assert cfgs.choose_path(16, 2, 100, 1) == "tc"  # one group per channel
+
+
+@pytest.mark.parametrize("n_units", [1, 7, 64, 344, 1000])
+@pytest.mark.parametrize("bu", [1, 4, 32])
+@pytest.mark.parametrize("split", [1, 2, 3, 8])
+def test_split_sizes_cover_k_without_empty_splits(n_units, bu, split):
+    per, s = cfgs.split_sizes(n_units, bu, split)
+    assert per % bu == 0 and 1 <= s <= split
+    assert (s - 1) * per < n_units <= s * per  # every split has work, together they cover all units
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [8, 48, 64, 128, 4096])
+def test_default_configs_are_valid(bits, group):
+    uc, uw = cfgs.unit_geometry(bits)
+    assert uc * bits == 32 * uw  # a unit is whole words holding whole codes
+    for path in ("gemv", "tc", "dot", "dequant"):
+        for M in (1, 5, 40):
+            cfg = cfgs.pick_config(path, bits, 4096, 4096, M, group)
+            assert cfg.bk >= uc and cfg.bk & (cfg.bk - 1) == 0 and cfg.bn & (cfg.bn - 1) == 0
+            if path == "tc" and cfgs.tc_supported(bits, group, 4096 // group):
+                assert group % cfg.bk == 0 or cfg.bk % uc == 0
+    # any chunk of gsub columns lies inside one group
+    for bk in (64, 128, 512):
+        g = cfgs.gsub(bk, group, 2)
+        assert bk % g == 0 and group % g == 0
+
+
+def test_tuned_table_entries_are_consistent():
+    for (path, bits, _N, K, bucket), cfg in cfgs.TUNED.items():
+        assert path in ("gemv", "tc", "dot", "dequant") and bucket in (1, 16, 64)
+        assert cfg.bk >= cfgs.unit_geometry(bits)[0]
+        if path == "tc":
+            assert cfgs.tc_supported(bits, 128, K // 128) and 128 % cfg.bk == 0
+
+
+def test_kernel_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        cfgs.KernelConfig(24, 128)
+    with pytest.raises(ValueError, match="split"):
+        cfgs.KernelConfig(32, 128, split=0)
+    assert cfgs.KernelConfig(32, 128).replace(split=4).split == 4

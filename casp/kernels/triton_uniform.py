@@ -1,15 +1,17 @@
 """Triton kernels for the "uniform" packed format (formats.md): y = x W^T with W stored as b-bit codes.
 
-Three kernels share one unpacking routine:
+Four kernels (which one runs for which batch: casp/kernels/uniform_config.py, choose_path):
 
-* ``_gemv_kernel`` (decode, one activation row per program row of the grid): fused unpack + dot on
-  CUDA cores. Per code it costs one LOP3, one FFMA to turn the bits into a float, one FFMA for the
-  product, so at batch 1 it is bound by memory, not by arithmetic.
-* ``_dot_kernel`` (small batch, M <= 64): unpack a [BN, BK] tile in registers, then ``tl.dot`` on
-  tensor cores against an activation tile [BM, BK].
-* ``_dequant_kernel`` (prefill): unpack the full weight into the activation dtype once per call,
-  then cuBLAS (``F.linear``): at M ~ 2048 the GEMM dominates and cuBLAS is faster than any Triton
-  tile loop that also unpacks.
+* ``_gemv_kernel`` (M = 1): fused unpack + dot on CUDA cores, fp32 decode and accumulation, split-K
+  with an in-kernel reduction. About 4.5 SASS instructions per weight (2 FFMA, 1 LOP3, activation
+  conversion, reductions): at batch 1 it is bound by instruction issue and latency, not by memory.
+* ``_tc_kernel`` (2 <= M <= 64, b in {2, 4, 8}): fp16 decode of two codes per LOP3 + HFMA2, the
+  weight tile is the A operand of ``tl.dot`` (wgmma on Hopper), scales and zeros applied to the
+  [BN, BM] partial product once per group.
+* ``_dot_kernel`` (2 <= M <= 64 where ``_tc_kernel`` does not apply: 3 bits, groups that split a word):
+  fp32 decode, then ``tl.dot``.
+* ``_dequant_kernel`` (M > 64, prefill): unpack the full weight into the activation dtype, then cuBLAS
+  (``F.linear``): at M ~ 2048 the GEMM dominates and the extra pass costs 10-20%.
 
 Unpacking. A *unit* is the smallest run of words that holds whole codes: one word of 32/b codes for
 b in {2, 4, 8}, three words of 32 codes for b = 3. Each code position p of a unit is extracted from
@@ -39,7 +41,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_MAGIC = 0x4B000000  # fp32 bit pattern of 2^23: OR-ing a small integer c into the mantissa gives 2^23 + c
+from casp.kernels import uniform_config as cfgs
+from casp.kernels.uniform_config import KernelConfig, choose_path, pick_config, tc_supported, unit_geometry
 
 
 @triton.jit
@@ -557,52 +560,6 @@ def _dequant_kernel(
 # Host side
 
 
-class KernelConfig:
-    """Tile sizes and launch options of one kernel call.
-
-    bn: output rows per program; bk: weight columns per loop step; split: programs sharing one
-    row block along K (reduced in-kernel by the last one); bm: activation rows per program of the
-    tensor-core kernel.
-    """
-
-    __slots__ = ("bn", "bk", "bm", "num_warps", "num_stages", "split")
-
-    def __init__(self, bn: int, bk: int, num_warps: int = 4, num_stages: int = 2, bm: int = 16, split: int = 1):
-        for name, v in (("bn", bn), ("bk", bk), ("bm", bm)):
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}")
-        if split < 1:
-            raise ValueError(f"KernelConfig.split must be >= 1, got {split}")
-        self.bn, self.bk, self.bm, self.num_warps, self.num_stages, self.split = (
-            bn,
-            bk,
-            bm,
-            num_warps,
-            num_stages,
-            split,
-        )
-
-    def replace(self, **kw) -> KernelConfig:
-        d = {k: getattr(self, k) for k in self.__slots__}
-        d.update(kw)
-        return KernelConfig(**d)
-
-    def __repr__(self) -> str:
-        return (
-            f"KernelConfig({self.bn}, {self.bk}, {self.num_warps}, {self.num_stages}, bm={self.bm}, split={self.split})"
-        )
-
-
-# Best configs measured on an H100 (benchmarks/kernels.py --sweep), keyed (path, bits, N, K, m_bucket(M));
-# other shapes use default_config.
-TUNED: dict[tuple[str, int, int, int, int], KernelConfig] = {}
-
-# Paths by batch rows M (choose_path): tensor cores up to DOT_MAX_M rows, else dequantize + cuBLAS; the CUDA-core
-# gemv at M <= GEMV_MAX_M where tc is unsupported, and at M = 1 for the bit widths in GEMV_AT_M1.
-GEMV_MAX_M = 1
-DOT_MAX_M = 64
-GEMV_AT_M1: tuple[int, ...] = ()
-
 # Split-K counters: one zeroed int32 buffer per device, created outside graph capture and reset by the
 # kernels themselves (like a cuBLAS workspace). Launches on concurrent streams of one device must not
 # both use split-K at the same time.
@@ -610,76 +567,22 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _N_COUNTERS = 1 << 16
 
 
-def unit_geometry(bits: int) -> tuple[int, int]:
-    """(codes per unit, words per unit): 32/b codes in one word for b in {2, 4, 8}; 32 codes in 3 words for b = 3."""
-    return (32, 3) if bits == 3 else (32 // bits, 1)
-
-
-def default_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size: int = 128) -> KernelConfig:
-    """A reasonable config when the shape is not in TUNED: enough programs along N and K to fill 132 SMs."""
-    uc, _ = unit_geometry(bits)
-    if path == "gemv":
-        bn, bk = 32, max(512, uc)
-        split = max(1, min(8, (132 * 8) // max(1, -(-N // bn))))
-        return KernelConfig(bn, bk, 4, 2, split=split)
-    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-    if path == "tc":
-        bn = 64
-        # a K tile inside one group lets the scales be applied after the dot (see _tc_kernel)
-        bk = next((b for b in (128, 64, 32, 16) if group_size % b == 0 and b >= uc), 128)
-        split = max(1, min(8, (132 * 4) // max(1, -(-N // bn) * -(-M // bm))))
-        return KernelConfig(bn, bk, 4, 2, bm=bm, split=split)
-    if path == "dot":
-        bn = 64
-        split = max(1, min(8, (132 * 4) // max(1, -(-N // bn) * -(-M // bm))))
-        return KernelConfig(bn, max(128, uc), 4, 2, bm=bm, split=split)
-    return KernelConfig(32, max(256, uc), 4, 1)
-
-
-def m_bucket(M: int) -> int:
-    """Batch-size bucket of the TUNED table: 1, 16 (2..16 rows) or 64 (more)."""
-    return 1 if M == 1 else (16 if M <= 16 else 64)
-
-
-def pick_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size: int = 128) -> KernelConfig:
-    cfg = TUNED.get((path, bits, N, K, m_bucket(M)))
-    base = default_config(path, bits, N, K, M, group_size)
-    if cfg is None:
-        return base
-    if path in ("dot", "tc"):
-        cfg = cfg.replace(bm=base.bm)
-    if path == "tc" and group_size % cfg.bk and K > group_size:
-        cfg = cfg.replace(bk=base.bk)  # keep K tiles inside one group
-    return cfg
-
-
 def _interpreting() -> bool:
     """Under Triton's CPU interpreter (TRITON_INTERPRET=1): CPU tensors allowed, no inline PTX."""
     return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
-
-
-def _n_units(K: int, bits: int) -> int:
-    """Units per row: K padded to a multiple of 32 codes, divided by the codes per unit."""
-    return (K + 31) // 32 * (32 // unit_geometry(bits)[0])
-
-
-def _gsub(bk: int, group_size: int, n_groups: int) -> int:
-    """Columns per chunk that lie inside one group (see module docstring)."""
-    return bk if n_groups == 1 else min(bk, group_size & -group_size)
 
 
 def _common(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, cfg: KernelConfig) -> dict:
     uc, uw = unit_geometry(bits)
     if cfg.bk < uc:
         raise ValueError(f"KernelConfig.bk={cfg.bk} is smaller than one unit of {uc} codes at {bits} bits")
-    gsub = _gsub(cfg.bk, group_size, scales.shape[1])
+    gsub = cfgs.gsub(cfg.bk, group_size, scales.shape[1])
     return dict(BITS=bits, UC=uc, UW=uw, ASM=not _interpreting(), BN=cfg.bn, BK=cfg.bk, GSUB=gsub)
 
 
 def _split_plan(n_units: int, bu: int, split: int, n_tiles: int, M: int, N: int, device: torch.device):
     """(units per split, splits, workspace, counters) with no empty split; split 1 when counters are unavailable."""
-    per = triton.cdiv(triton.cdiv(n_units, split), bu) * bu  # units per split, a multiple of the tile
-    split = -(-n_units // per)
+    per, split = cfgs.split_sizes(n_units, bu, split)
     if split > 1 and device not in _COUNTERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             split = 1  # never allocate the persistent counters inside a graph capture
@@ -708,7 +611,7 @@ def gemv(
     N, n_groups = scales.shape
     cfg = cfg or pick_config("gemv", bits, N, K, M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    n_units = _n_units(K, bits)
+    n_units = cfgs.n_units(K, bits)
     nb = triton.cdiv(N, cfg.bn)
     per, split, ws, cnt = _split_plan(n_units, cfg.bk // unit_geometry(bits)[0], cfg.split, nb * M, M, N, x.device)
     _gemv_kernel[(nb, M, split)](
@@ -737,7 +640,7 @@ def dot(
     N, n_groups = scales.shape
     cfg = cfg or pick_config("dot", bits, N, K, M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    n_units = _n_units(K, bits)
+    n_units = cfgs.n_units(K, bits)
     nb, mb = triton.cdiv(N, cfg.bn), triton.cdiv(M, cfg.bm)
     per, split, ws, cnt = _split_plan(n_units, cfg.bk // unit_geometry(bits)[0], cfg.split, nb * mb, M, N, x.device)
     _dot_kernel[(nb, mb, split)](
@@ -749,12 +652,6 @@ def dot(
         **_common(qweight, scales, bits, group_size, cfg),
     )  # fmt: skip
     return y
-
-
-def tc_supported(bits: int, group_size: int, n_groups: int, bk: int = 0) -> bool:
-    """The fp16-decode tensor-core kernel handles 2/4/8 bits with groups of whole words (or one group)."""
-    uc = unit_geometry(bits)[0]
-    return bits in (2, 4, 8) and (n_groups == 1 or group_size % uc == 0)
 
 
 def tc(
@@ -775,7 +672,7 @@ def tc(
     cfg = cfg or pick_config("tc", bits, N, K, M, group_size)
     uc, _ = unit_geometry(bits)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    n_units = _n_units(K, bits)
+    n_units = cfgs.n_units(K, bits)
     nb, mb = triton.cdiv(N, cfg.bn), triton.cdiv(M, cfg.bm)
     per, split, ws, cnt = _split_plan(n_units, cfg.bk // uc, cfg.split, nb * mb, M, N, x.device)
     factored = n_groups == 1 or group_size % cfg.bk == 0
@@ -805,7 +702,7 @@ def dequantize(
     cfg = cfg or pick_config("dequant", bits, N, K)
     w = torch.empty(N, K, dtype=dtype, device=qweight.device)
     uc, _ = unit_geometry(bits)
-    n_units = _n_units(K, bits)
+    n_units = cfgs.n_units(K, bits)
     grid = (triton.cdiv(N, cfg.bn), triton.cdiv(n_units, cfg.bk // uc))
     _dequant_kernel[grid](
         qweight, scales, zeros, w, N, K, n_units, n_groups, group_size,
@@ -840,16 +737,6 @@ def _check_inputs(x, qweight, scales, zeros, perm, bits, group_size, bias) -> No
         raise ValueError(f"uniform kernels need every tensor on one CUDA device, got {sorted(map(str, devices))}")
     if not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
         raise ValueError("qweight, scales and zeros must be contiguous")
-
-
-def choose_path(M: int, bits: int, group_size: int, n_groups: int) -> str:
-    """Kernel for M activation rows: fp16-decode tensor cores where supported (2/4/8 bits), CUDA-core gemv or the
-    fp32-decode tensor-core kernel otherwise, dequantize + cuBLAS for large M."""
-    if M > DOT_MAX_M:
-        return "dequant"
-    if tc_supported(bits, group_size, n_groups) and not (M == 1 and bits in GEMV_AT_M1):
-        return "tc"
-    return "gemv" if M <= GEMV_MAX_M else "dot"
 
 
 def uniform_linear(

@@ -1,0 +1,170 @@
+"""Tile configs and kernel choice for the "uniform" Triton kernels (pure Python: importable without Triton).
+
+Paths by the number of activation rows M (see :func:`choose_path`):
+
+* ``gemv``: CUDA-core fused unpack + dot, the fastest at M = 1 on an H100 (benchmarks/results/kernels_h100.txt);
+* ``tc``: tensor-core kernel with an fp16 decode (2/4/8 bits, groups of whole words), for 2 <= M <= 64;
+* ``dot``: tensor-core kernel with an fp32 decode, for what ``tc`` does not support (3 bits, odd groups);
+* ``dequant``: dequantize into the activation dtype, then cuBLAS, for M > 64 (prefill).
+"""
+
+from __future__ import annotations
+
+
+class KernelConfig:
+    """Tile sizes and launch options of one kernel call.
+
+    bn: output rows per program; bk: weight columns per loop step; split: programs sharing one
+    row block along K (reduced in-kernel by the last one); bm: activation rows per program of the
+    tensor-core kernel.
+    """
+
+    __slots__ = ("bn", "bk", "bm", "num_warps", "num_stages", "split")
+
+    def __init__(self, bn: int, bk: int, num_warps: int = 4, num_stages: int = 2, bm: int = 16, split: int = 1):
+        for name, v in (("bn", bn), ("bk", bk), ("bm", bm)):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}")
+        if split < 1:
+            raise ValueError(f"KernelConfig.split must be >= 1, got {split}")
+        self.bn, self.bk, self.bm, self.num_warps, self.num_stages, self.split = (
+            bn,
+            bk,
+            bm,
+            num_warps,
+            num_stages,
+            split,
+        )
+
+    def replace(self, **kw) -> KernelConfig:
+        d = {k: getattr(self, k) for k in self.__slots__}
+        d.update(kw)
+        return KernelConfig(**d)
+
+    def __repr__(self) -> str:
+        return (
+            f"KernelConfig({self.bn}, {self.bk}, {self.num_warps}, {self.num_stages}, bm={self.bm}, split={self.split})"
+        )
+
+
+# Best configs of `python benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/kernels_h100.txt), keyed
+# (path, bits, N out, K in, m_bucket(M)); other shapes use default_config.
+TUNED: dict[tuple[str, int, int, int, int], KernelConfig] = {
+    # M = 1: CUDA-core gemv (it beat the tensor-core kernel at every measured shape and bit width)
+    ("gemv", 2, 4096, 4096, 1): KernelConfig(32, 512, 4, 2, split=4),
+    ("gemv", 2, 4096, 11008, 1): KernelConfig(32, 512, 4, 2, split=4),
+    ("gemv", 2, 5120, 13824, 1): KernelConfig(32, 512, 4, 2, split=4),
+    ("gemv", 2, 11008, 4096, 1): KernelConfig(32, 512, 4, 2, split=4),
+    ("gemv", 2, 13824, 5120, 1): KernelConfig(32, 512, 4, 2, split=4),
+    ("gemv", 3, 4096, 4096, 1): KernelConfig(8, 512, 4, 2, split=4),
+    ("gemv", 3, 4096, 11008, 1): KernelConfig(8, 512, 4, 2, split=4),
+    ("gemv", 3, 5120, 13824, 1): KernelConfig(8, 512, 4, 2, split=4),
+    ("gemv", 3, 11008, 4096, 1): KernelConfig(8, 512, 4, 2, split=4),
+    ("gemv", 3, 13824, 5120, 1): KernelConfig(8, 512, 4, 2, split=4),
+    ("gemv", 4, 4096, 4096, 1): KernelConfig(32, 512, 4, 2, split=4),
+    ("gemv", 4, 4096, 11008, 1): KernelConfig(32, 512, 4, 2, split=4),
+    ("gemv", 4, 5120, 13824, 1): KernelConfig(16, 512, 4, 2, split=2),
+    ("gemv", 4, 11008, 4096, 1): KernelConfig(16, 512, 4, 2, split=2),
+    ("gemv", 4, 13824, 5120, 1): KernelConfig(16, 512, 4, 2, split=2),
+    # 2 <= M <= 16: tensor cores (fp16 decode for 2/4 bits, fp32 decode for 3 bits)
+    ("tc", 2, 4096, 4096, 16): KernelConfig(128, 128, 4, 2, split=8),
+    ("tc", 2, 4096, 11008, 16): KernelConfig(128, 128, 4, 2, split=8),
+    ("tc", 2, 5120, 13824, 16): KernelConfig(128, 128, 4, 2, split=8),
+    ("tc", 2, 11008, 4096, 16): KernelConfig(128, 128, 4, 2, split=4),
+    ("tc", 2, 13824, 5120, 16): KernelConfig(128, 128, 4, 2, split=2),
+    ("tc", 4, 4096, 4096, 16): KernelConfig(128, 128, 4, 2, split=8),
+    ("tc", 4, 4096, 11008, 16): KernelConfig(128, 128, 4, 2, split=8),
+    ("tc", 4, 5120, 13824, 16): KernelConfig(128, 128, 4, 2, split=8),
+    ("tc", 4, 11008, 4096, 16): KernelConfig(128, 128, 4, 2, split=4),
+    ("tc", 4, 13824, 5120, 16): KernelConfig(128, 64, 4, 2, split=4),
+    ("dot", 3, 4096, 4096, 16): KernelConfig(16, 256, 4, 2, split=4),
+    ("dot", 3, 4096, 11008, 16): KernelConfig(16, 256, 4, 2, split=4),
+    ("dot", 3, 5120, 13824, 16): KernelConfig(16, 256, 4, 2, split=4),
+    ("dot", 3, 11008, 4096, 16): KernelConfig(16, 256, 4, 2, split=4),
+    ("dot", 3, 13824, 5120, 16): KernelConfig(16, 256, 4, 2, split=4),
+}
+
+# Paths by batch rows M (choose_path): tensor cores up to DOT_MAX_M rows, else dequantize + cuBLAS; the CUDA-core
+# gemv at M <= GEMV_MAX_M where tc is unsupported, and at M = 1 for the bit widths in GEMV_AT_M1.
+GEMV_MAX_M = 1
+DOT_MAX_M = 64
+GEMV_AT_M1: tuple[int, ...] = (2, 3, 4, 8)
+
+
+def unit_geometry(bits: int) -> tuple[int, int]:
+    """(codes per unit, words per unit): 32/b codes in one word for b in {2, 4, 8}; 32 codes in 3 words for b = 3."""
+    return (32, 3) if bits == 3 else (32 // bits, 1)
+
+
+def default_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size: int = 128) -> KernelConfig:
+    """A reasonable config when the shape is not in TUNED: enough programs along N and K to fill 132 SMs."""
+    uc, _ = unit_geometry(bits)
+    if path == "gemv":
+        bn, bk = 32, max(512, uc)
+        split = max(1, min(8, (132 * 8) // max(1, -(-N // bn))))
+        return KernelConfig(bn, bk, 4, 2, split=split)
+    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+    if path == "tc":
+        bn = 64
+        # a K tile inside one group lets the scales be applied after the dot (see _tc_kernel)
+        bk = next((b for b in (128, 64, 32, 16) if group_size % b == 0 and b >= uc), 128)
+        split = max(1, min(8, (132 * 4) // max(1, -(-N // bn) * -(-M // bm))))
+        return KernelConfig(bn, bk, 4, 2, bm=bm, split=split)
+    if path == "dot":
+        bn = 64
+        split = max(1, min(8, (132 * 4) // max(1, -(-N // bn) * -(-M // bm))))
+        return KernelConfig(bn, max(128, uc), 4, 2, bm=bm, split=split)
+    return KernelConfig(32, max(256, uc), 4, 1)
+
+
+def m_bucket(M: int) -> int:
+    """Batch-size bucket of the TUNED table: 1, 16 (2..16 rows) or 64 (more)."""
+    return 1 if M == 1 else (16 if M <= 16 else 64)
+
+
+def pick_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size: int = 128) -> KernelConfig:
+    cfg = TUNED.get((path, bits, N, K, m_bucket(M)))
+    base = default_config(path, bits, N, K, M, group_size)
+    if cfg is None:
+        return base
+    if path in ("dot", "tc"):
+        cfg = cfg.replace(bm=base.bm)
+    if path == "tc" and group_size % cfg.bk and K > group_size:
+        cfg = cfg.replace(bk=base.bk)  # keep K tiles inside one group
+    return cfg
+
+
+def n_units(K: int, bits: int) -> int:
+    """Units per row: K padded to a multiple of 32 codes, divided by the codes per unit."""
+    return (K + 31) // 32 * (32 // unit_geometry(bits)[0])
+
+
+def split_sizes(n_units: int, bu: int, split: int) -> tuple[int, int]:
+    """(units per split, number of splits) for ``split`` requested splits of n_units along K.
+
+    Units per split is a multiple of the tile (bu units) and no split is empty.
+    """
+    per_split = (n_units + split - 1) // split
+    per = (per_split + bu - 1) // bu * bu
+    return per, -(-n_units // per)
+
+
+def gsub(bk: int, group_size: int, n_groups: int) -> int:
+    """Columns per chunk that lie inside one group (see module docstring)."""
+    return bk if n_groups == 1 else min(bk, group_size & -group_size)
+
+
+def tc_supported(bits: int, group_size: int, n_groups: int) -> bool:
+    """The fp16-decode tensor-core kernel handles 2/4/8 bits with groups of whole words (or one group)."""
+    uc = unit_geometry(bits)[0]
+    return bits in (2, 4, 8) and (n_groups == 1 or group_size % uc == 0)
+
+
+def choose_path(M: int, bits: int, group_size: int, n_groups: int) -> str:
+    """Kernel for M activation rows: fp16-decode tensor cores where supported (2/4/8 bits), CUDA-core gemv or the
+    fp32-decode tensor-core kernel otherwise, dequantize + cuBLAS for large M."""
+    if M > DOT_MAX_M:
+        return "dequant"
+    if tc_supported(bits, group_size, n_groups) and not (M == 1 and bits in GEMV_AT_M1):
+        return "tc"
+    return "gemv" if M <= GEMV_MAX_M else "dot"
