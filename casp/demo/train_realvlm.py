@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -360,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-eval-n", type=int, default=TrainConfig.final_eval_n)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--parts-cache", type=Path, default=Path("~/.cache/casp"), help="where the pretrained parts are"
+        "--parts-cache",
+        type=Path,
+        default=None,
+        help="where the pretrained parts are cached (default: $CASP_CACHE or ~/.cache/casp)",
     )
     ap.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"]
@@ -391,9 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         ap.error(str(e))
-    from casp.realmodels.realvlm import build_realvlm, fetch_parts
+    from casp.realmodels.realvlm import CACHE_ENV, build_realvlm, fetch_parts
 
-    model, processor = build_realvlm(fetch_parts(args.parts_cache), seed=args.seed)
+    if args.parts_cache is not None:  # the final evaluation reloads the parts from the same place
+        os.environ[CACHE_ENV] = str(args.parts_cache.expanduser().resolve())
+    model, processor = build_realvlm(fetch_parts(), seed=args.seed)
     command = " ".join([Path(sys.executable).name, "-m", "casp.demo.train_realvlm", *sys.argv[1:]])
     log = train(model, processor, args.out, tc, args.device, command=command)
     fe = log.get("final_eval", {})

