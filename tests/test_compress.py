@@ -128,3 +128,24 @@ def test_casp_lowrank_and_allocation_meets_target(tmp_path, family):
                           _logits(result.model, result.processor, result.adapter, True), atol=1e-4)
     bits = {r["config"] for r in result.report["layers"]}
     assert len(bits) > 1  # the allocation is not uniform
+
+
+def test_vision_quantize_and_adaptive_ranks(tmp_path):
+    model_dir = make_tiny("llava", tmp_path / "m", num_layers=2, hidden=256)
+    calib = write_calibration(tmp_path / "calib", n=3)
+    cfg = CompressionConfig(method="casp", quantizer="rtn", bits=3.25, alloc="optimal", ranks="adaptive",
+                            vision="quantize", samples=3)
+    result = compress(model_dir, tmp_path / "out", cfg, calib=calib)
+    model, processor, adapter = load_model(tmp_path / "out")
+    assert adapter.vision_linears(model) == {}  # every vision-tower / projector linear was replaced
+    vision = [n for n in compressed_modules(model) if n.startswith(("model.vision_tower", "model.multi_modal"))]
+    assert len(vision) == 2 * 6 + 2
+    # the vision linears share the budget: never above it, and close at this coarse granularity
+    assert 3.2 <= result.report["avg_bits_per_original_param"] <= 3.25
+    ranks = {r["name"]: r["rank"] for r in result.report["layers"] if r["rank"]}
+    assert len(ranks) == 4 and all(r % 8 == 0 for r in ranks.values())
+    shapes = {n: (m.out_features, m.in_features) for n, m in compressed_modules(model).items() if n in ranks}
+    fixed_budget = sum((m * n // 4 // (m + n)) * (m + n) for m, n in shapes.values())
+    assert sum(r * sum(shapes[n]) for n, r in ranks.items()) <= fixed_budget
+    assert torch.allclose(_logits(model, processor, adapter, True),
+                          _logits(result.model, result.processor, result.adapter, True), atol=1e-4)
