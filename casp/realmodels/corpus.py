@@ -102,12 +102,12 @@ def locate_corpus_file(name: str = "jargon", cache_dir: str | Path = DEFAULT_CAC
 def load_corpus(name: str = "jargon", cache_dir: str | Path = DEFAULT_CACHE) -> str:
     """The cleaned text of a corpus (see the module docstring for source and license).
 
-    Cleaning: no-break spaces become spaces, the title page and table of contents are dropped (the text starts at "Chapter 1."), lines
-    are unwrapped into paragraphs, cross-reference braces ``{word}`` become ``word``, a lexicon entry's
-    headword line (``:term: n.``) is joined to its definition, paragraphs of fewer than five words (lists
-    of headwords, section titles) or with under 60% letters among their non-space characters (a page of
-    digits, ASCII art) are dropped, and repeated paragraphs are kept once. Paragraphs are
-    separated by a blank line.
+    Cleaning: no-break spaces become spaces; the title page and table of contents are dropped (the text
+    starts at "Chapter 1."); lines are unwrapped into paragraphs; cross-reference braces ``{word}`` become
+    ``word``; a lexicon entry's headword line (``:term: n.``) is joined to its definition; paragraphs of
+    fewer than five words (lists of headwords, section titles) or with under 60% letters among their
+    non-space characters (a page of digits, ASCII art) are dropped; repeated paragraphs are kept once.
+    Paragraphs are separated by a blank line.
     """
     path = locate_corpus_file(name, cache_dir)
     raw = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text("utf-8")
