@@ -59,6 +59,7 @@ from casp.realmodels.corpus import CORPORA, load_corpus, split_corpus  # noqa: E
 from casp.realmodels.smollm2 import PACKAGE, smollm2_model_dir  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+FINDINGS = ""  # the hand-written reading of the numbers, filled in after a full run
 WORK = Path("~/.cache/casp/quality").expanduser()
 LEVELS = ("2", "2.25", "3", "4")
 METHODS = ("fp16", "rtn", "casp-rtn", "gptq", "casp-gptq", "aqlm", "casp-aqlm", "quip", "casp-quip")
@@ -237,6 +238,98 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
     }
 
 
+# ---- why CASP does (not) help here: low-rank spectra, per-type errors and bits ---------------------------
+LINEAR_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lowrank_analysis(model_dir: Path, inputs: list[dict], path: Path) -> dict:
+    """Whitened spectra of q_proj/k_proj of the fp16 model (one calibration pass); cached in ``path``.
+
+    For each layer: the relative output error of the best rank-r approximation,
+    E(r) = sum_{i>r} sigma_i^2 / sum_i sigma_i^2 of W S (S S^T = G), at the ranks CASP uses and the
+    rank that E <= 1% and 5% would need. This is the error the low-rank step adds before any quantization.
+    """
+    if path.is_file():
+        return json.loads(path.read_text())
+    from casp.calib.runner import run_layerwise
+    from casp.lowrank.ranks import fixed_rank
+    from casp.lowrank.whiten import whitened_spectrum
+
+    model, _, adapter = load_model(model_dir, dtype=torch.float32)
+    block_inputs = capture_block_inputs(model, adapter, inputs, "cpu")
+    rows = []
+
+    def on_block(ctx) -> None:
+        G = ctx.grams(["self_attn.q_proj"])["self_attn.q_proj"]  # q and k read the same input
+        for name in ("self_attn.q_proj", "self_attn.k_proj"):
+            W = ctx.block.get_submodule(name).weight.detach().float()
+            s2 = whitened_spectrum(W, G).double()
+            tail = 1.0 - torch.cumsum(s2, 0) / s2.sum()  # tail[r-1] = E(r)
+            m, n = W.shape
+            rank = max(8, fixed_rank(m, n, 0.25) // 8 * 8)
+            rows.append({"layer": ctx.index, "name": name.split(".")[-1], "shape": [m, n], "rank": rank,
+                         "error_at_rank": float(tail[rank - 1]),
+                         "rank_for_1pct": int((tail > 0.01).sum()) + 1, "rank_for_5pct": int((tail > 0.05).sum()) + 1})
+
+    run_layerwise(model, adapter, block_inputs, on_block, device="cpu", desc="spectra")
+    atomic_write_json(path, {"rows": rows})
+    return {"rows": rows}
+
+
+def _by_type(report_path: Path) -> dict[str, dict]:
+    """Mean relative output error and mean bits per weight of each linear type in a compressed model."""
+    layers = json.loads(report_path.read_text())["layers"]
+    out = {}
+    for t in LINEAR_TYPES:
+        rows = [r for r in layers if r["name"].endswith(t)]
+        if rows:
+            params = sum(r["params"] for r in rows)
+            out[t] = {"error": sum(r["error"] for r in rows) / len(rows),
+                      "bits": sum(r["storage_bits"] for r in rows) / params}
+    return out
+
+
+def analysis_lines(args, results: dict) -> list[str]:
+    lines = ["", "## Why CASP helps or not on this model (measured)", ""]
+    spectra_path = args.work / "analysis" / f"spectra-{args.samples}x{args.max_length}.json"
+    if spectra_path.is_file():
+        rows = json.loads(spectra_path.read_text())["rows"]
+        lines += ["Low-rank step alone (fp16 weights, whitened SVD at the ranks CASP uses, 25% of the q/k "
+                  "parameters), relative output error E = dropped / total squared whitened singular values:", "",
+                  "| proj | shape | rank | E at that rank (mean, min-max over 30 layers) | rank for E <= 5% "
+                  "(mean) | rank for E <= 1% (mean) |", "| --- | --- | --- | --- | --- | --- |"]
+        for name in ("q_proj", "k_proj"):
+            sel = [r for r in rows if r["name"] == name]
+            errs = [r["error_at_rank"] for r in sel]
+            lines.append(f"| {name} | {sel[0]['shape'][0]}x{sel[0]['shape'][1]} | {sel[0]['rank']} | "
+                         f"{sum(errs) / len(errs):.3f} ({min(errs):.3f}-{max(errs):.3f}) | "
+                         f"{sum(r['rank_for_5pct'] for r in sel) / len(sel):.0f} | "
+                         f"{sum(r['rank_for_1pct'] for r in sel) / len(sel):.0f} |")
+    for level in ("2.25", "3", "4"):
+        plain = args.work / "checkpoints" / f"gptq_{level}" / "casp_report.json"
+        casp = args.work / "checkpoints" / f"casp-gptq_{level}" / "casp_report.json"
+        if not (plain.is_file() and casp.is_file()):
+            continue
+        a, b = _by_type(plain), _by_type(casp)
+        lines += ["", f"Per linear type at level {level} (relative output error tr(dW G dW^T)/tr(W G W^T) "
+                  "against the original weight, truncation included; bits per original weight):", "",
+                  "| type | GPTQ error | GPTQ bits | CASP+GPTQ error | CASP+GPTQ bits |",
+                  "| --- | --- | --- | --- | --- |"]
+        for t in LINEAR_TYPES:
+            if t in a and t in b:
+                lines.append(f"| {t} | {a[t]['error']:.4f} | {a[t]['bits']:.2f} | {b[t]['error']:.4f} | "
+                             f"{b[t]['bits']:.2f} |")
+    plans = sorted((args.work / "plans").glob(f"*-{args.samples}x{args.max_length}.json"))
+    for plan in plans[:1]:
+        att = json.loads(plan.read_text())["attention"]
+        dens = [a["density"] for a in att if a.get("density") is not None]
+        if dens:
+            lines += ["", f"Attention density D (share of a row's entries holding 95% of its mass, mean over heads "
+                      f"and rows of the calibration windows): mean {sum(dens) / len(dens):.3f}, min {min(dens):.3f} "
+                      f"(layer {dens.index(min(dens))}), max {max(dens):.3f} (layer {dens.index(max(dens))})."]
+    return lines
+
+
 # ---- outputs ---------------------------------------------------------------------------------------
 def cell(rec: dict | None) -> str:
     if rec is None:
@@ -246,7 +339,7 @@ def cell(rec: dict | None) -> str:
     return f"{text} ({rec['avg_bits']:.2f} b)"
 
 
-def markdown(results: dict, meta: dict, all_runs: list[Run]) -> str:
+def markdown(results: dict, meta: dict, all_runs: list[Run], args) -> str:
     by_id = results
     lines = [
         "# Quality vs bits: SmolLM2-135M-Instruct, perplexity on held-out English prose",
@@ -290,6 +383,7 @@ def markdown(results: dict, meta: dict, all_runs: list[Run]) -> str:
         settings = ", ".join(f"{k}: {v}" for k, v in sorted(rec.get("layer_configs", {}).items()))
         lines.append(f"| {rid} | {rec['ppl']:.3f} | {rec['avg_bits']:.3f} | {settings} | "
                      f"{rec.get('compress_seconds', '')} | {rec['eval_seconds']} |")
+    lines += analysis_lines(args, results) + ["", FINDINGS]
     return "\n".join(lines) + "\n"
 
 
@@ -318,9 +412,9 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: dict, meta: dict, all_runs: list[Run], stem: Path) -> None:
+def write_outputs(results: dict, meta: dict, all_runs: list[Run], stem: Path, args) -> None:
     atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "runs": results})
-    atomic_write_text(stem.with_suffix(".md"), markdown(results, meta, all_runs))
+    atomic_write_text(stem.with_suffix(".md"), markdown(results, meta, all_runs, args))
     if results:
         plot(results, stem.with_suffix(".png"))
 
@@ -340,6 +434,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=RESULTS / "quality_smollm2", help="results stem (.md/.json/.png)")
     p.add_argument("--work", type=Path, default=WORK, help="checkpoints and sensitivity tables")
     p.add_argument("--force", action="store_true", help="redo runs already in the results JSON")
+    p.add_argument("--no-analysis", action="store_true", help="skip the q/k spectra pass (analysis section)")
     p.add_argument("--budget-minutes", type=float, default=None, help="start no new run after this long")
     args = p.parse_args(argv)
     if args.quick:
@@ -393,10 +488,13 @@ def main(argv=None) -> None:
         print(f"[{i + 1}/{len(runs)}] {run.id}: running ({(time.time() - start) / 60:.1f} min so far)", flush=True)
         rec = run_one(run, model_dir, inputs, test_ids, args)
         results[run.id] = rec
-        write_outputs(results, meta, all_runs, stem)
+        write_outputs(results, meta, all_runs, stem, args)
         print(f"    ppl {rec['ppl']:.3f} at {rec['avg_bits']:.3f} bits ({time.time() - start:.0f} s so far)",
               flush=True)
-    write_outputs(results, meta, all_runs, stem)
+    if not args.no_analysis:
+        print("low-rank spectra of q/k (one calibration pass, cached)", flush=True)
+        lowrank_analysis(model_dir, inputs, args.work / "analysis" / f"spectra-{args.samples}x{args.max_length}.json")
+    write_outputs(results, meta, all_runs, stem, args)
     if not math.isfinite(sum(r["ppl"] for r in results.values())):
         print("warning: some perplexity is not finite")
 
