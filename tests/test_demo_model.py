@@ -173,9 +173,6 @@ def test_committed_checkpoint_is_small_safe_and_matches_its_log():
 
 
 @needs_checkpoint
-@pytest.mark.xfail(
-    _logged_accuracy() < 0.9, strict=True, reason="committed checkpoint is an interim one below the 90% target"
-)
 def test_committed_checkpoint_answers_test_questions():
     em = _score_committed()
     assert em["all"] >= 0.8, em

@@ -46,6 +46,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="perplexity window in tokens (default: the model's context, at most 2048)",
     )
     p.add_argument("--ppl-stride", type=int, default=None, help="new tokens per perplexity window (default: half)")
+    p.add_argument("--prompt-suffix", default=None,
+                   help="text after each vqa/mc question (default: LLaVA's 'Answer the question using a single "
+                   "word or phrase.' / letter instruction; pass '' for models trained without it)")
+    p.add_argument("--caption-prompt", default=None, help="caption instruction (default 'Describe the image in "
+                   "one sentence.'; a row's own 'prompt' wins)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument(
         "--dtype",
@@ -75,6 +80,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ppl_max_length=args.ppl_max_length,
         ppl_stride=args.ppl_stride,
         progress=not args.no_progress,
+        prompt_suffix=args.prompt_suffix,
+        caption_prompt=args.caption_prompt,
     )
     for name, value in headline_metrics(res["tasks"]).items():
         print(f"{name}: {value:.4f}")

@@ -40,13 +40,20 @@ def run_task(
     ppl_max_length: int | None = None,
     ppl_stride: int | None = None,
     progress: bool = True,
+    prompt_suffix: str | None = None,
+    caption_prompt: str | None = None,
 ) -> dict[str, Any]:
-    """Run one task spec on a loaded model."""
+    """Run one task spec on a loaded model. ``prompt_suffix`` (vqa, mc) and ``caption_prompt`` (caption)
+    replace the default LLaVA-style instructions when given."""
     kind, path = parse_task_spec(spec)
     if kind == "ppl":
         return run_ppl(model, processor, path, max_length=ppl_max_length, stride=ppl_stride, progress=progress)
     runner = {"vqa": run_vqa, "mc": run_mc, "caption": run_caption}[kind]
     kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    if prompt_suffix is not None and kind in ("vqa", "mc"):
+        kwargs["prompt_suffix"] = prompt_suffix
+    if caption_prompt is not None and kind == "caption":
+        kwargs["caption_prompt"] = caption_prompt
     return runner(
         model,
         processor,

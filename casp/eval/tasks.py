@@ -84,7 +84,7 @@ def _vqa_row(row: dict, root: Path) -> tuple[TaskRow | None, str | None]:
     image, err = _row_image(row, root, required=True)
     if err:
         return None, err
-    return TaskRow(0, question + VQA_SUFFIX, image, {**row, "answers": answers}), None
+    return TaskRow(0, question, image, {**row, "answers": answers}), None
 
 
 def _mc_row(row: dict, root: Path) -> tuple[TaskRow | None, str | None]:
@@ -102,7 +102,7 @@ def _mc_row(row: dict, root: Path) -> tuple[TaskRow | None, str | None]:
     if err:
         return None, err
     listed = "\n".join(f"{option_letter(i)}. {o}" for i, o in enumerate(options))
-    return TaskRow(0, f"{question}\n{listed}{MC_SUFFIX}", image, {**row, "options": options}), None
+    return TaskRow(0, f"{question}\n{listed}", image, {**row, "options": options}), None
 
 
 def _caption_row(row: dict, root: Path) -> tuple[TaskRow | None, str | None]:
@@ -112,8 +112,7 @@ def _caption_row(row: dict, root: Path) -> tuple[TaskRow | None, str | None]:
     image, err = _row_image(row, root, required=True)
     if err:
         return None, err
-    prompt = str(row.get("prompt") or CAPTION_PROMPT)
-    return TaskRow(0, prompt, image, {**row, "references": references}), None
+    return TaskRow(0, str(row.get("prompt") or ""), image, {**row, "references": references}), None
 
 
 ROW_PARSERS: dict[str, Callable[[dict, Path], tuple[TaskRow | None, str | None]]] = {
@@ -285,10 +284,16 @@ def run_vqa(
     max_new_tokens: int = 16,
     limit: int | None = None,
     progress: bool = True,
+    prompt_suffix: str = VQA_SUFFIX,
 ) -> dict[str, Any]:
-    """VQA: exact match and VQA accuracy (overall and per question type) with every prediction."""
+    """VQA: exact match and VQA accuracy (overall and per question type) with every prediction.
+
+    ``prompt_suffix`` follows each question (LLaVA's evaluation instruction by default; "" for models
+    trained without it, such as the demo model).
+    """
     t0 = time.perf_counter()
     rows, skipped = read_task_file(jsonl_path, "vqa", image_root, limit)
+    rows = [dataclasses.replace(r, prompt=r.prompt + prompt_suffix) for r in rows]
     preds = _predict(model, processor, adapter, rows, "vqa", batch_size, max_new_tokens, progress)
     em = [exact_match(p, r.data["answers"]) for p, r in zip(preds, rows)]
     acc = [vqa_accuracy(p, r.data["answers"]) for p, r in zip(preds, rows)]
@@ -322,10 +327,12 @@ def run_mc(
     max_new_tokens: int = 8,
     limit: int | None = None,
     progress: bool = True,
+    prompt_suffix: str = MC_SUFFIX,
 ) -> dict[str, Any]:
     """Multiple choice: accuracy (a prediction may name the letter or the option text)."""
     t0 = time.perf_counter()
     rows, skipped = read_task_file(jsonl_path, "mc", image_root, limit)
+    rows = [dataclasses.replace(r, prompt=r.prompt + prompt_suffix) for r in rows]
     preds = _predict(model, processor, adapter, rows, "mc", batch_size, max_new_tokens, progress)
     correct = [mc_correct(p, r.data["options"], r.data["answer"]) for p, r in zip(preds, rows)]
     picked = [parse_choice(p, r.data["options"]) for p, r in zip(preds, rows)]
@@ -359,10 +366,13 @@ def run_caption(
     max_new_tokens: int = 32,
     limit: int | None = None,
     progress: bool = True,
+    caption_prompt: str = CAPTION_PROMPT,
 ) -> dict[str, Any]:
-    """Captioning: corpus CIDEr-D over the file (and per-image scores)."""
+    """Captioning: corpus CIDEr-D over the file (and per-image scores). A row's own "prompt" wins over
+    ``caption_prompt``."""
     t0 = time.perf_counter()
     rows, skipped = read_task_file(jsonl_path, "caption", image_root, limit)
+    rows = [r if r.prompt else dataclasses.replace(r, prompt=caption_prompt) for r in rows]
     preds = _predict(model, processor, adapter, rows, "caption", batch_size, max_new_tokens, progress)
     refs = [[tokenize_caption(c) for c in r.data["references"]] for r in rows]
     cider, per_image = cider_d([tokenize_caption(p) for p in preds], refs)
