@@ -67,11 +67,13 @@ def method_config(method: str, quantizer: str, target: str, samples: int) -> Com
     plain RTN/GPTQ: 2.0 -> 2-bit, one group of 576 (SmolLM2's hidden size; ~2.06 bits), 2.25 -> 2-bit g128
     (~2.28 with the partial last group of 576), 3 -> 3-bit g576 (~3.06). plain AQLM / QuIP#: the nearest
     whole code rate (2, 2, 3). CASP: the exact budget with optimal allocation over 2/3/4-bit candidates
-    (group 128 for RTN/GPTQ).
+    (RTN/GPTQ with group 128, or 576 at 2.0 where group-128 scales alone would exceed the budget).
     """
     common = {"samples": samples, "max_length": 512}
     bits = float(target)
     if method == "casp":
+        if quantizer in ("rtn", "gptq"):  # at 2.0, g128's scales alone (0.25-0.28 bits) exceed the budget
+            common["group_size"] = 576 if target == "2.0" else 128
         return CompressionConfig(method="casp", quantizer=quantizer, bits=bits, alloc="optimal", **common)
     if quantizer in ("rtn", "gptq"):
         code, group = {"2.0": (2, 576), "2.25": (2, 128), "3": (3, 576)}[target]
