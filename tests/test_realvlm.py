@@ -353,3 +353,17 @@ def test_train_projector_only_smoke(tmp_path):
     state = saved.state_dict()
     assert all(torch.equal(state[k], v) for k, v in frozen.items())  # vision tower and LM untouched
     assert any(not torch.equal(saved.projector.state_dict()[k], v) for k, v in proj.items())
+
+
+def test_answer_loss_equals_model_loss():
+    from casp.demo.train_realvlm import ChatEncoder, answer_loss, conversation_batch
+
+    model, processor = tiny_standin()
+    encoder = ChatEncoder(processor.tokenizer, processor.num_image_tokens)
+    scenes = [world.sample_scene(world.example_rng("train", 0, i)) for i in range(3)]
+    batch = conversation_batch(encoder, scenes, np.random.default_rng(0), max_turns=3, min_text_tokens=20)
+    cells = torch.randn(3, 16, TINY_VISION.out_channels)
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], vision_cells=cells, labels=batch["labels"]).loss
+        mine = answer_loss(model, batch["input_ids"], cells, batch["labels"])
+    torch.testing.assert_close(mine, ref)
