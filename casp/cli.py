@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from casp.errors import CaspError
 
@@ -71,6 +72,57 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_kv_analyze(args) -> int:
+    from casp.calib.data import load_calibration
+    from casp.calib.inputs import encode_samples
+    from casp.kv.methods import analyze
+    from casp.kv.saliency import PROFILE_FILE
+    from casp.models import load_model
+
+    data = load_calibration(args.calib, args.samples, args.seed)
+    model, processor, adapter = load_model(args.model, attn_implementation="eager")
+    inputs = encode_samples(data.samples, processor, adapter, args.max_length)
+    out = args.out or args.model
+    Path(out).mkdir(parents=True, exist_ok=True)
+    profile = analyze(model, adapter, inputs, model_dir=out)
+    _plot_kv_profile(profile, f"{out}/kv_saliency.png")
+    print("layer patterns: " + " ".join(f"{i}:{p}" for i, p in enumerate(profile.patterns)))
+    print(f"wrote {out}/{PROFILE_FILE} (used by --kv akvq) and {out}/kv_saliency.png")
+    return 0
+
+
+def _plot_kv_profile(profile, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = range(profile.num_layers)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(layers, profile.text_attention, marker="o", label="mean attention per text token")
+    axes[0].plot(layers, profile.image_attention, marker="o", label="mean attention per image token")
+    for i, pattern in enumerate(profile.patterns):
+        axes[0].axvspan(i - 0.5, i + 0.5, color="tab:orange" if pattern == "TSA" else "tab:blue", alpha=0.08)
+    axes[0].set_yscale("log")
+    axes[0].set_title("TSA (orange) / PSA (blue) layers", fontsize=9)
+    axes[1].plot(layers, profile.pivot_count, marker="o", label="pivot tokens per sample")
+    axes[1].plot(layers, profile.pivot_in_image, marker="o", label="share of pivots on image tokens")
+    axes[1].plot(layers, profile.pivot_at_first, marker="o", label="share of pivots at position 0")
+    for ax in axes:
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_kv_bench(args) -> int:
+    from casp.kv.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def cmd_demo(args) -> int:
     from casp.demo.run import run_demo
 
@@ -130,9 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", default=None, help="image file (VLMs only)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--kv", choices=["fp16", "akvq", "kivi"], default="fp16", help="KV cache (default fp16)")
+    p.add_argument("--kv", choices=["fp16", "akvq", "kivi", "uniform"], default="fp16",
+                   help="KV cache: fp16 (default), akvq (AKVQ-VL 2-bit; uses the profile of casp kv-analyze when "
+                   "the model dir has one), kivi (KIVI 2-bit), uniform (2-bit per token)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("kv-analyze", help="AKVQ-VL: which layers are text-salient (TSA) or pivot-salient (PSA)",
+                       description="Measure per layer whether text tokens get more attention than image tokens "
+                       "(TSA) or attention piles onto pivot tokens (PSA), and where the pivots are; store the "
+                       "profile with the model (read by --kv akvq) and plot it.")
+    p.add_argument("model", help="model directory")
+    _add_calib_options(p, required=True)
+    p.add_argument("--out", default=None, help="where to write the profile and plot (default: the model dir)")
+    p.set_defaults(func=cmd_kv_analyze)
+
+    p = sub.add_parser("kv-bench", help="KV-cache benchmark: memory, batch and throughput, accuracy (see --help)",
+                       description="Runs casp.kv.bench; all arguments after kv-bench go to it "
+                       "(e.g. casp kv-bench --gpu --out kv.txt; casp kv-bench --help).", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_kv_bench)
 
     p = sub.add_parser("demo", help="the whole job offline on the bundled demo VLM: compress, evaluate, report",
                        description="Generate the synthetic world's data, compress the bundled demo LLaVA model "
@@ -153,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kv-bench"]:  # everything after it, --help included, belongs to the benchmark's own parser
+        args = argparse.Namespace(command="kv-bench", func=cmd_kv_bench, bench_args=argv[1:], debug=False)
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -40,16 +40,9 @@ def generate(model, processor, adapter, prompts: list[str], images: list | None 
 
 def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_tokens: int = 32,
                       device: str = "cpu", kv: str = "fp16") -> str:
+    from casp.kv.methods import make_cache
+
     model, processor, adapter = load_model(model_dir, device=device)
     images = [open_image(image)] if image else None
-    cache = make_cache(kv, model)
+    cache = make_cache(kv, model, adapter, model_dir=model_dir)  # None for fp16: generate's own cache
     return generate(model, processor, adapter, [prompt], images, max_new_tokens, cache)[0]
-
-
-def make_cache(kind: str, model):
-    """A KV cache by name: fp16 (transformers' default), akvq (AKVQ-VL 2-bit), kivi (KIVI 2-bit)."""
-    if kind == "fp16":
-        return None
-    from casp import kv
-
-    return kv.make_cache(kind, model)

@@ -49,3 +49,34 @@ def test_bad_input_one_line_error(tiny_dirs, tmp_path, capsys, case):
     assert code != 0
     assert "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
+
+
+def test_generate_with_every_kv_cache_and_kv_analyze(tiny_dirs, tmp_path, capsys):
+    from tests.fixtures import make_image
+
+    model = tiny_dirs["llava"]
+    image = tmp_path / "img.png"
+    make_image(4).save(image)
+    outputs = {}
+    for kv in ("fp16", "akvq", "kivi", "uniform"):
+        assert main(["generate", str(model), "--prompt", "what color ?", "--image", str(image),
+                     "--max-new-tokens", "3", "--kv", kv]) == 0
+        outputs[kv] = capsys.readouterr().out.strip()
+    assert all(outputs.values())
+    calib = write_calibration(tmp_path / "calib", n=2)
+    assert main(["kv-analyze", str(model), "--calib", str(calib), "--samples", "2", "--out", str(tmp_path / "kv")]) == 0
+    profile = json.loads((tmp_path / "kv" / "casp_kv_profile.json").read_text())
+    assert len(profile["patterns"]) == 2 and set(profile["patterns"]) <= {"TSA", "PSA"}
+    assert (tmp_path / "kv" / "kv_saliency.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        main(["kv-bench", "--help"])
+    assert "--gpu" in capsys.readouterr().out
+
+
+def test_generate_text_only_model_rejects_image(tiny_dirs, tmp_path, capsys):
+    from tests.fixtures import make_image
+
+    image = tmp_path / "img.png"
+    make_image(4).save(image)
+    assert main(["generate", str(tiny_dirs["llama"]), "--prompt", "what", "--image", str(image)]) == 2
+    assert "text-only" in capsys.readouterr().err
