@@ -111,10 +111,12 @@ class BlockContext:
 
     def forward_all(self, hooks: dict[str, Callable] | None = None, keep_outputs: bool = False):
         """Run every calibration input through the block with optional forward hooks by module name."""
+        from casp.quant.linear import dense_weights
+
         handles = [self.block.get_submodule(name).register_forward_hook(fn) for name, fn in (hooks or {}).items()]
         outputs = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), dense_weights(self.block):  # compressed layers unpack once per pass
                 for item in self.inputs:
                     out = self.block(_to(item.hidden, self.device), **_to(item.kwargs, self.device))
                     out = out[0] if isinstance(out, tuple) else out

@@ -8,6 +8,7 @@ for the format where one exists.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -52,6 +53,13 @@ class QuantLinear(nn.Module):
         return weight_from_state({name: getattr(self, name) for name in self._packed}, self.meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.__dict__.get("_dense")
+        if dense is not None and dense.device == x.device and dense.dtype == x.dtype:
+            y = torch.nn.functional.linear(x, dense)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if self.__dict__.get("_keep_dense"):
+            self.__dict__["_dense"] = self.quantized_weight().dequantize(x.dtype).to(x.device)
+            return self.forward(x)
         return kernels.linear(x, self.quantized_weight(), self.bias)
 
     def _apply(self, fn, recurse=True):
@@ -70,3 +78,22 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={self.meta.get('format')}" + (f", bits={bits}" if bits is not None else "")
         )
+
+
+@contextlib.contextmanager
+def dense_weights(model: nn.Module):
+    """Inside this block every QuantLinear keeps its dequantized weight after the first call.
+
+    For repeated forwards of the same layers on the torch path (calibration passes over a block,
+    evaluation on CPU), where unpacking the codes again at every call dominates the time. Costs one dense
+    copy per layer while active; the copies are dropped on exit, so a model kept compressed stays small.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.__dict__["_keep_dense"] = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_keep_dense", None)
+            layer.__dict__.pop("_dense", None)
