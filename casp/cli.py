@@ -54,7 +54,7 @@ def cmd_compress(args) -> int:
         method=args.method, quantizer=args.quantizer, bits=args.bits, group_size=args.group_size,
         alloc=args.alloc or ("optimal" if args.method == "casp" else "uniform"),
         candidate_bits=tuple(int(b) for b in args.candidate_bits.split(",")), rank_ratio=args.rank_ratio,
-        ranks=args.ranks, vision=args.vision, quant_options=options, samples=args.samples,
+        ranks=args.ranks, vision=args.vision, importance=args.importance, quant_options=options, samples=args.samples,
         max_length=args.max_length, seed=args.seed)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     report = compress(args.model, args.out, cfg, calib=args.calib, device=_device(args.device), dtype=dtype,
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", choices=["fixed", "adaptive"], default="fixed",
                    help="fixed: r = mn*ratio/(m+n); adaptive: per layer from attention density (same budget)")
     p.add_argument("--vision", choices=["skip", "quantize"], default="skip", help="quantize the vision tower too")
+    p.add_argument("--importance", choices=["none", "fisher"], default="none",
+                   help="fisher: weight each layer's error by its end-to-end loss sensitivity (one backward pass "
+                   "per calibration sample, whole model on the device); default none")
     p.add_argument("--act-order", choices=["on", "off"], default=None, help="GPTQ act-order (default on)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype the model is loaded in (default float32)")

@@ -25,8 +25,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from casp.alloc.importance import fisher_importance
 from casp.alloc.knapsack import allocate
-from casp.alloc.sensitivity import budget_bits, factor_sensitivity, layer_sensitivity
+from casp.alloc.sensitivity import (
+    apply_importance,
+    budget_bits,
+    candidate_table,
+    factor_sensitivity,
+    layer_sensitivity,
+)
 from casp.calib.analyze import attention_stats_callback
 from casp.calib.attention import LayerAttentionStats
 from casp.calib.data import load_calibration
@@ -126,8 +133,10 @@ def stats_pass(model, adapter, block_inputs, cfg: CompressionConfig, device) -> 
 
 
 # ---- pass 2: sensitivities and the allocation -----------------------------------------------------
-def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: dict | None = None):
-    """Candidate errors/costs of every linear. ``extra``: name -> (W, G) of linears outside the blocks."""
+def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: dict | None = None,
+                     importance: dict[str, float] | None = None):
+    """Candidate errors/costs of every linear. ``extra``: name -> (W, G) of linears outside the blocks;
+    ``importance``: name -> end-to-end weight s_l of that layer's error (1 when missing)."""
     candidates = candidate_configs(cfg)
     names, per_layer, params = [], [], []
 
@@ -149,13 +158,15 @@ def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: di
     for full, (W, G) in (extra or {}).items():
         measure(full, W.to(device).float(), G.to(device))
     run_layerwise(model, adapter, block_inputs, on_block, device=device, desc="sensitivity")
-    errors = [[c.error for c in layer] for layer in per_layer]
-    costs = [[float(c.storage_bits) for c in layer] for layer in per_layer]
+    errors, costs = candidate_table(per_layer)
+    if importance:
+        errors = apply_importance(errors, [importance.get(n, 1.0) for n in names])
     budget = budget_bits(sum(params), cfg.bits)
     choice = allocate(errors, costs, budget)
     configs = {n: per_layer[i][c].config.to_dict() for i, (n, c) in enumerate(zip(names, choice))}
     spent = sum(costs[i][c] for i, c in enumerate(choice))
     summary = {"budget_bits": budget, "spent_bits": spent, "original_params": sum(params),
+               "importance": importance or None,
                "avg_bits_per_original_param": spent / sum(params),
                "candidates": {n: [{"config": c.config.label(), "error": c.error, "bits": c.storage_bits}
                                   for c in per_layer[i]] for i, n in enumerate(names)}}
@@ -315,7 +326,12 @@ def make_plan(model, adapter, inputs, cfg: CompressionConfig, device) -> Plan:
     ranks, attention = stats_pass(model, adapter, block_inputs, cfg, device) if cfg.method == "casp" else ({}, [])
     extra = vision_grams(model, adapter, inputs, device) if cfg.vision == "quantize" and adapter.is_multimodal else {}
     if cfg.alloc == "optimal":
-        configs, allocation = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra)
+        importance = None
+        if cfg.importance == "fisher":
+            names = [f"{adapter.block_prefix(i)}.{n}" for i in range(len(adapter.decoder_layers(model)))
+                     for n in adapter.linear_names] + list(extra)
+            importance = fisher_importance(model, inputs, names, adapter.image_token_id(model.config), device)
+        configs, allocation = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra, importance)
     else:
         qcfg = base_quant_config(cfg).to_dict()
         names = [f"{adapter.block_prefix(i)}.{n}" for i in range(len(adapter.decoder_layers(model)))

@@ -11,6 +11,7 @@ QUANTIZERS = ("rtn", "gptq", "aqlm", "quip")
 ALLOCS = ("uniform", "optimal")
 RANKS = ("fixed", "adaptive")
 VISION = ("skip", "quantize")
+IMPORTANCE = ("none", "fisher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class CompressionConfig:
     rank_ratio: float = 0.25
     ranks: str = "fixed"
     vision: str = "skip"
+    importance: str = "none"  # fisher: weight each layer's error by its end-to-end loss sensitivity
     balance_factors: bool = True  # match the norms of A's columns and B's rows before quantizing
     rotate_factors: bool = True  # randomized Hadamard of the rank dimension (measured: lowrank_rotation.txt)
     true_sequential: bool = True
@@ -50,6 +52,7 @@ class CompressionConfig:
         check(self.alloc, ALLOCS, "alloc")
         check(self.ranks, RANKS, "ranks")
         check(self.vision, VISION, "vision")
+        check(self.importance, IMPORTANCE, "importance")
         if self.alloc == "uniform" and self.quantizer in ("rtn", "gptq") and self.bits not in (2, 3, 4, 8):
             raise ValueError(
                 f"--bits {self.bits} with --alloc uniform: code widths are 2, 3, 4 or 8; for a fractional "

@@ -149,3 +149,24 @@ def test_vision_quantize_and_adaptive_ranks(tmp_path):
     assert sum(r * sum(shapes[n]) for n, r in ranks.items()) <= fixed_budget
     assert torch.allclose(_logits(model, processor, adapter, True),
                           _logits(result.model, result.processor, result.adapter, True), atol=1e-4)
+
+
+def test_fisher_importance_and_weighted_allocation(tmp_path):
+    from casp.alloc.importance import fisher_importance
+
+    model_dir = make_tiny("llava", tmp_path / "m", num_layers=2, hidden=256)
+    model, processor, adapter = load_model(model_dir)
+    names = [f"{adapter.block_prefix(i)}.{n}" for i in range(2) for n in adapter.linear_names]
+    with torch.no_grad():
+        adapter.decoder_layers(model)[1].mlp.down_proj.weight.zero_()  # an output that cannot matter
+    batches = [dict(adapter.build_inputs(processor, ["what color is the circle ?"], [make_image(i)])) for i in range(2)]
+    scores = fisher_importance(model, batches, names, adapter.image_token_id(model.config))
+    # the zeroed output, and gate/up whose only path to the loss goes through it, cannot matter
+    dead = set(names[-3:])
+    assert all(scores[n] == 0.0 for n in dead)
+    assert sum(scores.values()) / len(scores) == pytest.approx(1.0)
+    assert all(v > 0 for n, v in scores.items() if n not in dead)
+    assert all(p.grad is None for p in model.parameters())
+    cfg = CompressionConfig(method="casp", quantizer="rtn", bits=2.25, alloc="optimal", importance="fisher", samples=2)
+    result = compress(model_dir, tmp_path / "out", cfg, calib=write_calibration(tmp_path / "calib", n=2))
+    assert result.report["avg_bits_per_original_param"] <= 2.25
