@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 # Run as a script, this folder leads sys.path (benchmarks/kernels.py would shadow the `kernels` package
-# transformers probes): put the repository root there instead, so casp and benchmarks.kv_cache import.
+# transformers probes): put the repository root there instead, so casp imports.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,11 +175,14 @@ def analysis(model_dir: Path, data, device: str, samples: int, out: Path) -> dic
     return result
 
 
-def kv_ablation(model_dir: Path, data, device: str, n: int, profile: dict | None, batch: int) -> dict:
+def kv_ablation(
+    model_dir: Path, data, device: str, n: int, profile: dict | None, batch: int, residual: int
+) -> dict:
+    """Greedy VQA answers with each KV cache (2-bit, ``residual`` most recent tokens kept in fp16)."""
     from PIL import Image
 
-    from benchmarks.kv_cache import answer_accuracy, cache_methods
     from casp.kv import KVSaliencyProfile
+    from casp.kv.bench import answer_accuracy, cache_methods
     from casp.models import load_model
 
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -191,7 +194,7 @@ def kv_ablation(model_dir: Path, data, device: str, n: int, profile: dict | None
         with Image.open(root / rec["image"]) as img:
             rows.append({"image": img.convert("RGB"), "question": rec["question"], "answers": rec["answers"]})
     prof = None if profile is None else KVSaliencyProfile.from_dict(profile)
-    methods = cache_methods(model, adapter, profile=prof, bits=2, ablation=True)
+    methods = cache_methods(model, adapter, profile=prof, bits=2, ablation=True, residual=residual)
     return answer_accuracy(model, processor, adapter, rows, methods, max_new_tokens=10, batch_size=batch)
 
 
@@ -335,7 +338,9 @@ def run(args) -> dict:
         save()
     if not args.skip_kv:
         profile = results.get("analysis", {}).get("kv_profile")
-        results["kv_ablation"] = kv_ablation(args.model, data, args.device, args.kv_n, profile, args.batch)
+        results["kv_ablation"] = kv_ablation(
+            args.model, data, args.device, args.kv_n, profile, args.batch, args.kv_residual
+        )
         save()
     for name, cfg in method_grid(args.methods, args.quantizers, args.bits, args.calib_samples):
         target = out / "models" / name.replace(" @", "_").replace("+", "_")
@@ -391,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-captions", type=int, default=100)
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--kv-n", type=int, default=120, help="VQA questions for the KV-cache ablation")
+    ap.add_argument(
+        "--kv-residual",
+        type=int,
+        default=32,
+        help="recent tokens kept in fp16 by the 2-bit caches (prompts are ~215 tokens: 196 image tokens)",
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--skip-fp16", action="store_true")
     ap.add_argument("--skip-analysis", action="store_true")

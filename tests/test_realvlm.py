@@ -241,7 +241,8 @@ def test_adapter_structure(standin_dir):
 
 
 def test_kv_cache_generation(standin_dir):
-    from casp.generate import generate, make_cache
+    from casp.generate import generate
+    from casp.kv import make_cache
 
     model, processor, adapter = load_model(standin_dir)
     plain = generate(model, processor, adapter, ["what color is the circle ?"], images(1), max_new_tokens=3)
