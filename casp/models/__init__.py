@@ -31,7 +31,7 @@ def adapter_for_model_type(model_type: str | None) -> ModelAdapter:
             return adapter
     raise ModelLoadError(
         f"unsupported model_type {model_type!r}; casp supports: {', '.join(supported_model_types())} "
-        "(families llama, llava, llava_next, qwen2_vl, idefics3/smolvlm)"
+        f"(families {', '.join(a.family for a in ADAPTERS)})"
     )
 
 
