@@ -44,13 +44,14 @@ CacheFactory = Callable[[], object]
 # ---- methods ---------------------------------------------------------------------------------------
 
 
-def cache_methods(model, adapter, profile=None, bits: int = 2, ablation: bool = True) -> dict[str, CacheFactory]:
+def cache_methods(model, adapter, profile=None, bits: int = 2, ablation: bool = True,
+                  residual: int = 128) -> dict[str, CacheFactory]:
     """name -> zero-argument factory of a fresh cache. 'fp16' is transformers' DynamicCache."""
     methods: dict[str, CacheFactory] = {
         "fp16": lambda: DynamicCache(),
-        f"kivi-{bits}bit": lambda: KIVICache(model, KIVIConfig(bits=bits), adapter),
+        f"kivi-{bits}bit": lambda: KIVICache(model, KIVIConfig(bits=bits, residual=residual), adapter),
     }
-    configs = ablation_configs(bits, profile=profile)
+    configs = ablation_configs(bits, profile=profile, residual=residual)
     names = list(configs) if ablation else ["uniform", "+PSA"]
     for name in names:
         label = {"uniform": f"uniform-{bits}bit", "+PSA": f"akvq-{bits}bit"}.get(name, f"akvq {name}")
@@ -440,6 +441,31 @@ def text_perplexity(args, log) -> dict:
 # ---- CPU smoke of the accuracy functions -------------------------------------------------------------
 
 
+def vqa_by_cache(model_dir, vqa_file, n: int, residual: int) -> dict[str, dict]:
+    """Held-out VQA with every cache method (and the ablation) on a VLM directory, e.g. the demo model."""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from casp.eval.tasks import read_task_file
+    from casp.kv.methods import load_profile
+    from casp.models import load_model
+
+    if vqa_file is None:
+        from casp.demo import world
+
+        vqa_file = world.write_vqa_jsonl(tempfile.mkdtemp(prefix="casp-kv-vqa-"), n, seed=2, split="test")
+    rows, _ = read_task_file(Path(vqa_file), "vqa", None, n)
+    data = []
+    for row in rows:
+        with Image.open(row.image) as img:
+            data.append({"image": img.convert("RGB"), "question": row.prompt, "answers": row.data["answers"]})
+    model, processor, adapter = load_model(model_dir)
+    methods = cache_methods(model, adapter, profile=load_profile(model_dir), residual=residual)
+    return answer_accuracy(model, processor, adapter, data, methods)
+
+
 def accuracy_smoke(log) -> dict:
     """The accuracy functions on a random LLaMA with head dim 128 (code path only)."""
     torch.manual_seed(0)
@@ -474,11 +500,15 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-prefix", type=int, default=512)
     p.add_argument("--ppl-decode", type=int, default=256)
     p.add_argument("--ppl-chunks", type=int, default=2)
+    p.add_argument("--vqa-model", default=None, help="VLM dir: held-out VQA exact match per cache method")
+    p.add_argument("--vqa-file", default=None, help="VQA JSONL for --vqa-model (default: the demo world's test split)")
+    p.add_argument("--vqa-n", type=int, default=120, help="questions for --vqa-model")
+    p.add_argument("--residual", type=int, default=128, help="fp16 recent window of the quantized caches")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.gpu or args.cpu_smoke or args.ppl_model or args.memory):
-        p.error("choose --gpu, --cpu-smoke, --memory or --ppl-model (the accuracy functions are also importable)")
+    if not (args.gpu or args.cpu_smoke or args.ppl_model or args.memory or args.vqa_model):
+        p.error("choose --gpu, --cpu-smoke, --memory, --ppl-model or --vqa-model")
     if args.gpu and not torch.cuda.is_available():
         p.error("--gpu needs CUDA")
     if args.cpu_smoke:
@@ -494,6 +524,18 @@ def main(argv=None) -> int:
         text = "fp16 cache bytes / cache bytes, LLaVA-1.5-7B KV shape (32 layers, 32 heads, dim 128), batch 1\n"
         text += "| tokens | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
         text += "\n".join(f"| {t} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |" for t, row in res.items())
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return 0
+    if args.vqa_model:
+        res = vqa_by_cache(args.vqa_model, args.vqa_file, args.vqa_n, args.residual)
+        names = ["exact_match", "vqa_accuracy", "agreement", "kv_bytes"]
+        text = (f"VQA per KV cache method: {args.vqa_model}, {args.vqa_n} questions, fp16 window {args.residual}\n"
+                "| cache | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
+        text += "\n".join(f"| {m} | " + " | ".join(f"{row.get(n, float('nan')):.4g}" for n in names) + " |"
+                          for m, row in res.items())
         print(text)
         if args.out:
             with open(args.out, "w") as f:
