@@ -200,6 +200,7 @@ def export_smollm2(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtyp
     del source
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model directory is an ordinary readable one
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
