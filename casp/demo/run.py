@@ -70,15 +70,15 @@ def run_demo(
     n_test: int | None = None,
     n_calib: int | None = None,
 ) -> dict:
-    """The demo; ``n_test``/``n_calib`` override the sizes (quick: 60/16, full: 300/64)."""
+    """The demo; ``n_test``/``n_calib`` override the sizes (quick: 48/8, full: 300/64)."""
     from casp.eval.evaluate import evaluate
     from casp.report import build_report
 
     start = time.time()
     out = Path(out_dir)
     model_dir = Path(model_dir) if model_dir else bundled_model_dir()
-    n_test = n_test or (60 if quick else 300)
-    n_calib = n_calib or (16 if quick else 64)
+    n_test = n_test or (48 if quick else 300)
+    n_calib = n_calib or (8 if quick else 64)
     data = make_data(out / "data", n_test, n_calib)
     # No perplexity task: the demo model only ever saw chat-formatted turns, so plain-text perplexity of it
     # measures nothing useful. VQA (exact match) and captions (CIDEr) are what it was trained for.
