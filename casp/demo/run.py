@@ -33,23 +33,26 @@ class DemoMethod:
 
 
 def demo_methods(quick: bool, samples: int) -> list[DemoMethod]:
-    """fp16 is the reference; all others land at ~2.25 bits per original parameter, overheads counted."""
+    """fp16 is the reference; all others land at ~2.25 bits per original parameter, overheads counted.
+
+    CASP keeps 50% of the Q/K parameters here, not the paper's 25%: the demo's layers are 256 wide (the
+    paper's 4096) and its attention is less sparse (density 0.34-0.75, benchmarks/results/sparsity_bound_demo.json).
+    Measured with the low-rank step alone (every linear at 8 bits): 25% drops held-out VQA exact match from
+    0.875 to 0.708, 50% keeps 0.896 (48 questions). The full demo also runs the paper's 25% for comparison.
+    """
     common = dict(samples=samples, max_length=256)
+    casp = dict(method="casp", bits=2.25, alloc="optimal", **common)
     methods = [
         DemoMethod("RTN 2-bit g128", CompressionConfig(quantizer="rtn", bits=2, **common)),
         DemoMethod("GPTQ 2-bit g128", CompressionConfig(quantizer="gptq", bits=2, **common)),
-        DemoMethod(
-            "CASP+GPTQ 2.25", CompressionConfig(method="casp", quantizer="gptq", bits=2.25, alloc="optimal", **common)
-        ),
+        DemoMethod("CASP+GPTQ 2.25", CompressionConfig(quantizer="gptq", rank_ratio=0.5, **casp)),
     ]
     if not quick:
         methods += [
-            DemoMethod(
-                "GPTQ optimal-alloc 2.25", CompressionConfig(quantizer="gptq", bits=2.25, alloc="optimal", **common)
-            ),
-            DemoMethod(
-                "CASP+RTN 2.25", CompressionConfig(method="casp", quantizer="rtn", bits=2.25, alloc="optimal", **common)
-            ),
+            DemoMethod("CASP+GPTQ 2.25 rank 25%", CompressionConfig(quantizer="gptq", rank_ratio=0.25, **casp)),
+            DemoMethod("CASP+RTN 2.25", CompressionConfig(quantizer="rtn", rank_ratio=0.5, **casp)),
+            DemoMethod("CASP+QuIP# 2.25", CompressionConfig(quantizer="quip", rank_ratio=0.5, candidate_bits=(2, 3, 4),
+                                                            **casp)),
         ]
     return methods
 
