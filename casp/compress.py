@@ -112,10 +112,11 @@ def stats_pass(model, adapter, block_inputs, cfg: CompressionConfig, device) -> 
 
     def on_block(ctx: BlockContext) -> None:
         attention_cb(ctx)
-        grams = ctx.grams(LOWRANK_NAMES[:1])  # q and k read the same input
+        grams = ctx.grams(LOWRANK_NAMES[:1]) if cfg.ranks == "adaptive" else {}  # q and k read the same input
         for name in LOWRANK_NAMES:
             W, _ = _linear_weight(ctx.block.get_submodule(name), device)
-            spectra.append(whitened_spectrum(W, grams[LOWRANK_NAMES[0]], dtype=_svd_dtype(device)).cpu())
+            if cfg.ranks == "adaptive":  # fixed ranks need only the shapes
+                spectra.append(whitened_spectrum(W, grams[LOWRANK_NAMES[0]], dtype=_svd_dtype(device)).cpu())
             shapes.append(tuple(W.shape))
             names.append(f"{adapter.block_prefix(ctx.index)}.{name}")
 
