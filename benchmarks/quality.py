@@ -86,33 +86,44 @@ NOTES = """## Notes on the setup
 """
 FINDINGS = """## Findings (read from the tables above; written by hand after the run of 2026-11-23)
 
-- CASP does not beat plain quantization at equal bits on this model, except where everything is broken:
-  CASP + GPTQ at 2.25 bits scores 10,873 against plain 2-bit GPTQ's 340,420 (2.32 bits), but both are
-  unusable (fp16: 43.5). At 3 bits plain GPTQ wins (95.7 at 3.32 bits vs CASP 141.1 at 3.25), at 4 bits
-  too (51.3 at 4.32 vs 79.3 at 4.25), and with QuIP# at 2 bits (114.7 at 2.05 vs CASP 137.9 at 2.00).
-  Part of each gap is the 0.05-0.07 bits plain has more; it cannot explain a 50% perplexity gap.
-- The low-rank step costs more than its parameters buy here. Keeping 25% of the q/k parameters (rank 72
-  of 576, 32 of 192) leaves the whitened output error in the low-rank table above, before any
-  quantization; a dense q/k at 4 bits has an output error of ~0.002-0.003 (per-type table, level 4), so at
-  4 bits the truncation dominates the q/k error. The q/k projections are only 12.5% of this model's
-  linear parameters (576x576 and 192x576 next to 3 x 576x1536 MLP matrices), so factorizing them frees
-  just 9.4% of the parameters, ~0.2-0.3 bits per parameter of budget at 2.25-3.25 bits, and the small
-  factors pay larger overheads (2.94 / 3.25 bits per stored weight at 2-bit codes against 2.33 / 2.44
-  for the dense layers; see the notes).
+- CASP does not beat plain quantization at equal bits on this model, except where everything is broken: CASP +
+  GPTQ at 2.25 bits scores 10,873 against plain 2-bit GPTQ's 340,420 (2.32 bits), but both are unusable (fp16:
+  43.5). At 3 bits plain GPTQ wins (95.7 at 3.32 bits vs CASP 141.1 at 3.25), at 4 bits too (51.3 at 4.32 vs
+  79.3 at 4.25), and with QuIP# at 2 bits (114.7 at 2.05 vs CASP 137.9 at 2.00). Part of each gap is the
+  0.05-0.07 bits plain has more; it cannot explain a 50% perplexity gap.
+- The low-rank step costs more than its parameters buy here. Keeping 25% of the q/k parameters (rank 72 of
+  576, 32 of 192) leaves the whitened output error in the low-rank table above, before any quantization: 0.042
+  for q and 0.053 for k on average (up to 0.09-0.10), while dense q/k at 4 bits have an output error of 0.0013
+  / 0.0010 and at 3 bits 0.0064 / 0.0052 (per-type tables). So at 3-4 bits the truncation alone makes the q/k
+  error 7-50x larger than plain GPTQ's. Keeping E <= 1% would need rank ~182 for q and ~92 for k, i.e. ~64% of
+  their parameters: the spectra of these small matrices are flat. Only at 2.25 bits, where plain 2-bit q/k
+  errors (0.072 / 0.062) are already as large as the truncation, does the trade pay: the freed bits take
+  v_proj from 0.204 to 0.021 and o_proj from 0.136 to 0.045 and perplexity drops 31x (still far from usable:
+  the 2-bit MLP layers are left as they are). The q/k projections are only 12.5% of this model's linear
+  parameters (576x576 and 192x576 next to 3 x 576x1536 MLP matrices), so factorizing them frees just 9.5% of
+  the parameters, ~0.2-0.3 bits per parameter of budget at 2.25-3.25 bits, and the small factors pay larger
+  overheads (2.94 / 3.25 bits per stored weight at 2-bit codes against 2.33 / 2.44 for the dense layers; see
+  the notes).
 - The paper's premise is absent: this is a text-only model, there are no redundant image tokens, and the
-  measured attention density is 0.25 on average (a quarter of a row's entries are needed for 95% of its
-  mass; 0.71 in layer 0).
-- The "optimal" allocation is itself worse than uniform bits here. The ablation without the low-rank
-  step (GPTQ + optimal bits, 3.25 bits) scores 175.1 against uniform 3-bit GPTQ's 95.7 and CASP's 141.1.
-  The knapsack minimizes the SUM of per-layer relative output errors with no end-to-end weighting: it
-  buys 4 bits for every small v_proj (192 rows, cheap per bit) and pays with 2-bit layers, several of
-  them in blocks 0-2 and 29 (the first and last blocks, which the CASP paper's hand-made allocations
-  protect). At 4.25 bits it spends the budget on 8-bit q/k/v. Plain 2-bit GPTQ collapsing to 340k shows
-  how costly any 2-bit layer is on this model. So casp's allocator needs an end-to-end importance weight
-  per layer (DESIGN 3.4; `casp.alloc.sensitivity.apply_importance` exists but the driver does not use it),
-  or at least a floor for the first and last blocks, before CASP can pay off on small text models.
-- Codebook quantizers matter most at 2 bits: QuIP# E8P at 2.05 bits (114.7) and AQLM 2x8 are orders of
-  magnitude better than 2-bit GPTQ/RTN, which collapse as the environment notes say other tools do.
+  measured attention density is 0.25 on average (a quarter of a row's entries are needed for 95% of its mass;
+  0.71 in layer 0).
+- The "optimal" allocation is itself worse than uniform bits here. The ablation without the low-rank step
+  (GPTQ + optimal bits, 3.25 bits) scores 175.1 against uniform 3-bit GPTQ's 95.7 and CASP's 141.1. The
+  knapsack minimizes the SUM of per-layer relative output errors with no end-to-end weighting: it buys 4 bits
+  for every small v_proj (192 rows, cheap per bit) and pays with 2-bit layers, several of them in blocks 0-2
+  and 29 (the first and last blocks, which the CASP paper's hand-made allocations protect). At 4.25 bits it
+  spends the budget on 8-bit q/k/v. Plain 2-bit GPTQ collapsing to 340k shows how costly any 2-bit layer is on
+  this model. So casp's allocator needs an end-to-end importance weight per layer (DESIGN 3.4;
+  `casp.alloc.sensitivity.apply_importance` exists but the driver does not use it), or at least a floor for
+  the first and last blocks, before CASP can pay off on small text models.
+- Codebook quantizers matter most at 2 bits: QuIP# E8P at 2.05 bits (114.7) and AQLM 2x8 with cheap settings
+  (greedy codes, 3 alternations; 190.7 at 2.15 bits, its 2 x 256 x 8 fp16 codebooks cost 0.15 bits per weight
+  on these small layers) are three to four orders of magnitude better than 2-bit GPTQ (340k) and RTN (4.3M),
+  which collapse as the environment notes say other tools do.
+- How the table was produced: the command above, interrupted twice to change the run order (finished runs are
+  reused from the JSON): first with --budget-minutes 62 (fp16, GPTQ and CASP + GPTQ at 2.25), then
+  --budget-minutes 50 (GPTQ and CASP + GPTQ at 3 and 4), then --budget-minutes 45 (the rest), about 100
+  minutes of CPU time in all on a 2-core machine shared with other jobs.
 """
 WORK = Path("~/.cache/casp/quality").expanduser()
 LEVELS = ("2", "2.25", "3", "4")
@@ -483,7 +494,7 @@ def markdown(results: dict, meta: dict, all_runs: list[Run], args) -> str:
     lines = [
         "# Quality vs bits: SmolLM2-135M-Instruct, perplexity on held-out English prose",
         "",
-        f"Command: `{meta['command']}`  ",
+        f"Command (regenerates every number; finished runs in the JSON are reused): `{meta['base_command']}`  ",
         f"Model: {meta['model']}  ",
         f"Text: {meta['corpus']}  ",
         f"Perplexity: first {meta['test_tokens']} tokens of the test split, window {meta['window']}, stride "
