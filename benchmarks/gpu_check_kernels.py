@@ -9,6 +9,11 @@ with the max abs error and fails (exit 1) if any relative error exceeds the dtyp
 an output is not finite.
 
     python benchmarks/gpu_check_kernels.py [--out FILE]
+    python benchmarks/gpu_check_kernels.py --only slab --out FILE   # the slab-layout batch-1 kernels only
+
+The slab kernels (casp/kernels/triton_slab.py, paths "slab" and "slab16") are checked for 2/4/8 bits on
+every shape, group 128 / per-channel / odd groups, act-order, fp16 and bf16, bias, 1 and 3 rows, and
+through the dispatch with uniform_config.GEMV_M1 set to each of them.
 """
 
 from __future__ import annotations
@@ -60,8 +65,52 @@ def cases():
     return out
 
 
+def slab_cases():
+    """Cases of the slab kernels; path "m1:<kernel>" runs the dispatch with GEMV_M1 = <kernel>."""
+    out = []
+    for path in ("slab", "slab16"):
+        for N, K in BIG:
+            for bits in (2, 4, 8):
+                for group in (128, -1):
+                    act = group == 128 and bits in (2, 4)
+                    for M in (1, 3):
+                        out.append((N, K, group, bits, act, torch.float16, M, path, M == 3))
+            out.append((N, K, 128, 2, False, torch.bfloat16, 1, path, True))
+        for N, K, group in ODD + [(300, 520, 40), (64, 4096, 256)]:
+            for bits in (2, 4, 8):
+                if group != -1 and group % (32 // bits):
+                    continue  # not a slab layout (the dispatch keeps the stored-layout gemv there)
+                for dtype in (torch.float16, torch.bfloat16):
+                    for M in (1, 2):
+                        out.append((N, K, group, bits, bits == 4, dtype, M, path, M == 1))
+        for N, K, group in ((11008, 4096, 128), (576, 576, 128), (40, 72, 8), (33, 100, -1)):
+            for bits in (2, 3, 4, 8):
+                out.append((N, K, group, bits, False, torch.float16, 1, f"m1:{path}", True))
+    return out
+
+
+def _run(x, qw, g, bits, bias, path):
+    """(output, name) of one case: a forced kernel path, the dispatch (path None), or the dispatch with a
+    given batch-1 kernel ("m1:<kernel>")."""
+    if path is None or path.startswith("m1:"):
+        m1 = None if path is None else path[3:]
+        if m1:
+            tu.cfgs.GEMV_M1 = m1
+        try:
+            y = kernels.linear(x, qw, bias)
+            name = f"dispatch:{tu.choose_path(x.shape[0], bits, g, qw.n_groups)}"
+        finally:
+            tu.cfgs.GEMV_M1 = "gemv"
+        return y, name
+    y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, qw.perm, bits, g, bias, path)
+    return y, path
+
+
 def _warm(case) -> str:
     N, K, group, bits, act, dtype, M, path, bias = case
+    if path is not None and path.startswith("m1:"):
+        tu.cfgs.GEMV_M1 = path[3:]
+        path = None
     group = K if group == -1 else group
     G = -(-K // group)
     qweight = torch.zeros(N, (K + 31) // 32 * bits, dtype=torch.int32, device="cuda")
@@ -69,8 +118,13 @@ def _warm(case) -> str:
     zeros = torch.zeros(N, G, dtype=torch.float16, device="cuda")
     x = torch.randn(M, K, dtype=dtype, device="cuda")
     b = torch.zeros(N, dtype=dtype, device="cuda") if bias else None
-    tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, b, path)
-    torch.cuda.synchronize()
+    try:
+        tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, b, path)
+        torch.cuda.synchronize()
+    except Exception as e:  # reported again (as a failed case) when the case runs in the parent
+        return f"{type(e).__name__}"
+    finally:
+        tu.cfgs.GEMV_M1 = "gemv"
     return ""
 
 
@@ -78,8 +132,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=14)
+    ap.add_argument("--only", choices=["all", "slab", "old"], default="all", help="which kernels to check")
     args = ap.parse_args()
-    all_cases = cases()
+    all_cases = {"all": cases() + slab_cases(), "slab": slab_cases(), "old": cases()}[args.only]
     precompile(all_cases, args.workers, fn=_warm)
     lines, fails, layers = [], 0, {}
     worst = {}
@@ -95,13 +150,16 @@ def main() -> None:
         torch.manual_seed(M + N)
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         bias = torch.randn(N, device="cuda", dtype=dtype) if use_bias else None
-        if path is None:
-            y = kernels.linear(x, qw, bias)
-            name = f"dispatch:{tu.choose_path(M, bits, g, qw.n_groups)}"
-        else:
-            perm = qw.perm
-            y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, perm, bits, g, bias, path)
-            name = path
+        try:
+            y, name = _run(x, qw, g, bits, bias, path)
+        except Exception as e:  # a kernel that fails to build is a failed case, not a lost run
+            fails += 1
+            line = f"FAIL N={N} K={K} g={g} b={bits} {path}: {type(e).__name__}: {str(e)[:300]}"
+            print(line, flush=True)
+            lines.append(line)
+            continue
+        if path is not None and path.startswith("m1:"):
+            name = f"{path}->{name.split(':')[-1]}"
         # torch path, as UniformWeight.matmul: dequantize to the activation dtype, then F.linear
         y_torch = torch.nn.functional.linear(x, W32.to(dtype)) + (0 if bias is None else bias)
         ref = x.float() @ W32.T + (0 if bias is None else bias.float())

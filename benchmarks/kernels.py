@@ -12,6 +12,12 @@ and vs an fp32 reference.
 
     python benchmarks/kernels.py --out results.txt            # tuned/default configs
     python benchmarks/kernels.py --sweep --out results.txt    # also try every config, report the best
+    python benchmarks/kernels.py --sweep-paths slab,slab16 --batches 1 --bits 2,4 --out results.txt
+        # batch 1: old gemv (stored layout) vs the slab kernels (fp32 / half2 decode) vs fp16, one row each;
+        # only the named paths are swept
+
+At M = 1 every kernel in --m1-paths (default gemv, slab, slab16) gets its own row, so the stored-layout
+gemv and the slab-layout kernels are compared with fp16 in the same run.
 
 With --sweep the best config per (path, bits, N, K) is printed as a ``TUNED`` table to paste into
 casp/kernels/triton_uniform.py.
@@ -48,7 +54,10 @@ SWEEP = {
            C(128, 128, 4, split=8), C(128, 64, 4, split=4)],
     "dot": [C(64, 128, 4, split=4), C(16, 256, 4, split=4)],
     "dequant": [C(32, 256, 4, 1)],
+    "slab": [C(32, 512, 4, split=4), C(64, 512, 4, split=4), C(16, 512, 4, split=4), C(64, 512, 8, split=4),
+             C(32, 1024, 4, split=2), C(128, 512, 8, split=2), C(32, 256, 4, split=8), C(64, 256, 4, split=4)],
 }  # fmt: skip
+SWEEP["slab16"] = SWEEP["slab"]
 
 
 def make_layer(N: int, K: int, bits: int, group: int, device: str, act_order: bool = False, seed: int = 0):
@@ -80,7 +89,7 @@ def time_calls(fns, reps: int = 15) -> float:
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for f in fns[:2]:
+        for f in fns:  # every call once: compiles, and repacks each copy's slab layout outside the capture
             f()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
@@ -125,8 +134,11 @@ def _compile_task(task) -> str:
     zeros = torch.zeros(N, G, dtype=torch.float16, device="cuda")
     x = torch.randn(M, K, dtype=dtype, device="cuda")
     t = time.time()
-    tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, None, path, cfg)
-    torch.cuda.synchronize()
+    try:
+        tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, None, path, cfg)
+        torch.cuda.synchronize()
+    except Exception as e:  # the timing loop reports the failure for this config; other compiles go on
+        return f"{path} b{bits} {cfg} FAILED {type(e).__name__}"
     return f"{path} b{bits} {cfg} {time.time() - t:.1f}s"
 
 
@@ -151,14 +163,18 @@ def precompile(tasks, workers: int = 14, fn=_compile_task) -> None:
 
 def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool):
     uc, _ = tu.unit_geometry(bits)
+    if path in ("slab", "slab16") and bits == 8:
+        return [c for c in SWEEP["slab"] if c.bk >= 512] if sweep else [tu.pick_config(path, bits, N, K, M)]
     if not sweep:
         return [tu.pick_config(path, bits, N, K, M)]
     bm = tu.default_config(path, bits, N, K, M).bm
     return [c.replace(bm=bm) for c in SWEEP[path] if c.bk >= uc]
 
 
-def paths_for(M: int, bits: int, sweep: bool) -> list[str]:
+def paths_for(M: int, bits: int, sweep: bool, m1_paths=("gemv",)) -> list[str]:
     G = -(-4096 // GROUP)
+    if M == 1 and len(m1_paths) > 1:
+        return [p for p in m1_paths if p == "gemv" or tu.cfgs.slab_ok(bits, GROUP, G)]
     if not sweep:
         return [tu.choose_path(M, bits, GROUP, G)]
     small = "tc" if tu.tc_supported(bits, GROUP, G) else "dot"
@@ -173,6 +189,20 @@ def errors(qw: UniformWeight, x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
     return float((y.float() - y_torch.float()).abs().max()), float((y.float() - ref).abs().max()), float(d)
 
 
+def _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us, copy_tbs) -> str:
+    """One table row: time, speedup, bandwidth and errors of (path, cfg) on this layer."""
+    y = kernel_call(qw0, x, path, cfg)()
+    e_torch, e_fp32, rel = errors(qw0, x, y)
+    nbytes = packed_bytes(qw0) + x.numel() * 2
+    tbs = nbytes / (us * 1e-6) / 1e12
+    cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}" + (f"m{cfg.bm}" if path in ("dot", "tc") else "")
+    return (
+        f"{N:>5}x{K:<6} {bits:>4} {M:>5} {path:>7} {cfg_s:>22} {us:9.1f} {fp16_us:9.1f} "
+        f"{fp16_us / us:7.2f}x {tbs:6.2f} {100 * tbs / PEAK_TBS:5.0f}% {100 * tbs / copy_tbs:5.0f}% "
+        f"{e_torch:9.2e} {e_fp32:9.2e} {rel:8.1e}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the table here")
@@ -182,7 +212,15 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="e.g. 1,16")
     ap.add_argument("--workers", type=int, default=14)
     ap.add_argument("--sweep-log", default=None, help="with --sweep: write every config's time here")
+    ap.add_argument("--m1-paths", default="gemv,slab,slab16", help="kernels timed (one row each) at M = 1")
+    ap.add_argument("--sweep-paths", default=None, help="sweep SWEEP configs for these paths only, e.g. slab,slab16")
     args = ap.parse_args()
+    m1_paths = tuple(p for p in args.m1_paths.split(",") if p)
+    sweep_paths = set(args.sweep_paths.split(",")) if args.sweep_paths else set()
+
+    def cands(path, bits, N, K, M):
+        return candidates(path, bits, N, K, M, args.sweep or path in sweep_paths)
+
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     bits_list = [int(b) for b in args.bits.split(",")] if args.bits else BITS
     batches = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
@@ -192,8 +230,8 @@ def main() -> None:
         for (N, K) in shapes
         for b in bits_list
         for M in batches
-        for p in paths_for(M, b, args.sweep)
-        for c in candidates(p, b, N, K, M, args.sweep)
+        for p in paths_for(M, b, args.sweep, m1_paths)
+        for c in cands(p, b, N, K, M)
     ]
     precompile(tasks, args.workers)
 
@@ -213,7 +251,7 @@ def main() -> None:
         f"{'TB/s':>6} {'%peak':>6} {'%copy':>6} {'err_torch':>9} {'err_fp32':>9} {'rel':>8}",
     ]
     print("\n".join(lines), flush=True)
-    tuned, sweep_log, m1_paths = {}, [], []
+    tuned, sweep_log, m1_best = {}, [], []
     for N, K in shapes:
         torch.manual_seed(0)
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(N * K * 2))]
@@ -225,32 +263,34 @@ def main() -> None:
             layers = [qw0] + [clone_weight(qw0) for _ in range(n_copies(packed_bytes(qw0)) - 1)]
             for M in batches:
                 x = xs[M]
-                best = None
-                for path in paths_for(M, bits, args.sweep):
-                    for cfg in candidates(path, bits, N, K, M, args.sweep):
-                        us = time_calls([kernel_call(qw, x, path, cfg) for qw in layers])
+                best, rows = None, []
+                for path in paths_for(M, bits, args.sweep, m1_paths):
+                    pbest = None
+                    for cfg in cands(path, bits, N, K, M):
+                        try:
+                            us = time_calls([kernel_call(qw, x, path, cfg) for qw in layers])
+                        except Exception as e:  # a kernel that fails to build must not lose the other rows
+                            msg = f"{N}x{K} b{bits} M={M} {path} {cfg!r}: FAILED {type(e).__name__}: {str(e)[:200]}"
+                            print(msg, flush=True)
+                            sweep_log.append(msg)
+                            continue
                         sweep_log.append(f"{N}x{K} b{bits} M={M} {path} {cfg!r}: {us:.2f} us")
-                        if best is None or us < best[0]:
-                            best = (us, path, cfg)
-                us, path, cfg = best
+                        if pbest is None or us < pbest[0]:
+                            pbest = (us, path, cfg)
+                    if pbest is not None:
+                        rows.append(pbest)
+                        if best is None or pbest[0] < best[0]:
+                            best = pbest
+                if best is None:
+                    continue
                 if args.sweep and M in (1, 16):
-                    tuned[(path, bits, N, K, M)] = cfg
+                    tuned[(best[1], bits, N, K, M)] = best[2]
                 if args.sweep and M == 1:
-                    m1_paths.append((bits, path))
-                y = kernel_call(qw0, x, path, cfg)()
-                e_torch, e_fp32, rel = errors(qw0, x, y)
-                nbytes = packed_bytes(qw0) + x.numel() * 2
-                tbs = nbytes / (us * 1e-6) / 1e12
-                cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}" + (
-                    f"m{cfg.bm}" if path in ("dot", "tc") else ""
-                )
-                line = (
-                    f"{N:>5}x{K:<6} {bits:>4} {M:>5} {path:>7} {cfg_s:>22} {us:9.1f} {fp16_us[M]:9.1f} "
-                    f"{fp16_us[M] / us:7.2f}x {tbs:6.2f} {100 * tbs / PEAK_TBS:5.0f}% {100 * tbs / copy_tbs:5.0f}% "
-                    f"{e_torch:9.2e} {e_fp32:9.2e} {rel:8.1e}"
-                )
-                print(line, flush=True)
-                lines.append(line)
+                    m1_best.append((bits, best[1]))
+                for us, path, cfg in rows:
+                    line = _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us[M], copy_tbs)
+                    print(line, flush=True)
+                    lines.append(line)
             del layers, qw0
         fp16_line = "  fp16 F.linear: " + ", ".join(
             f"M={M}: {fp16_us[M]:.1f} us ({(N * K * 2 + M * K * 2) / (fp16_us[M] * 1e-6) / 1e12:.2f} TB/s)"
@@ -267,7 +307,7 @@ def main() -> None:
             ]
             + ["}"]
         )
-        gemv_wins = sorted({b for b, p in m1_paths if p == "gemv"})
+        gemv_wins = sorted({b for b, p in m1_best if p == "gemv"})
         table.append(f"M=1 rows where the CUDA-core gemv beat the tensor-core kernel, by bits: {gemv_wins}")
         print("\n".join(table))
         lines += table

@@ -753,7 +753,8 @@ def uniform_linear(
 ) -> torch.Tensor:
     """y = x W^T (+ bias) for a "uniform" weight, x [..., K] in fp16/bf16 on CUDA; y in x's dtype.
 
-    ``path`` forces "gemv", "dot" or "dequant" (benchmarks); None picks by the number of rows.
+    ``path`` forces "gemv", "slab", "slab16", "tc", "dot" or "dequant" (benchmarks); None picks by the number
+    of rows (uniform_config.choose_path).
     """
     N, K = qweight.shape[0], x.shape[-1]
     _check_inputs(x, qweight, scales, zeros, perm, bits, group_size, bias)
@@ -776,6 +777,10 @@ def uniform_linear(
         y = gemv(x2, qweight, scales, zeros, bits, group_size, bias, cfg)
     elif path == "tc":
         y = tc(x2, qweight, scales, zeros, bits, group_size, bias, cfg)
+    elif path in ("slab", "slab16"):
+        from casp.kernels.triton_slab import slab_gemv  # imports this module: loaded lazily
+
+        y = slab_gemv(x2, qweight, scales, zeros, bits, group_size, bias, cfg, half=path == "slab16")
     else:
-        raise ValueError(f"unknown kernel path {path!r}; use 'gemv', 'tc', 'dot' or 'dequant'")
+        raise ValueError(f"unknown kernel path {path!r}; use 'gemv', 'slab', 'slab16', 'tc', 'dot' or 'dequant'")
     return y.reshape(*lead, N)

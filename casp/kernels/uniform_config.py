@@ -5,7 +5,9 @@ Paths by the number of activation rows M (see :func:`choose_path`):
 * ``gemv``: CUDA-core fused unpack + dot, the fastest at M = 1 on an H100 (benchmarks/results/kernels_h100.txt);
 * ``tc``: tensor-core kernel with an fp16 decode (2/4/8 bits, groups of whole words), for 2 <= M <= 64;
 * ``dot``: tensor-core kernel with an fp32 decode, for what ``tc`` does not support (3 bits, odd groups);
-* ``dequant``: dequantize into the activation dtype, then cuBLAS, for M > 64 (prefill).
+* ``dequant``: dequantize into the activation dtype, then cuBLAS, for M > 64 (prefill);
+* ``slab`` / ``slab16``: batch-1 GEMV on the slab layout (casp/kernels/slab_layout.py, repacked once per
+  weight), fp32 / half2 decode (casp/kernels/triton_slab.py). ``GEMV_M1`` names the kernel used at M = 1.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ TUNED: dict[tuple[str, int, int, int, int], KernelConfig] = {
 GEMV_MAX_M = 1
 DOT_MAX_M = 64
 GEMV_AT_M1: tuple[int, ...] = (2, 3, 4, 8)
+# The M = 1 kernel where the slab layout applies (slab_ok): "gemv" (stored layout), "slab" or "slab16".
+GEMV_M1 = "gemv"
+M1_PATHS = ("gemv", "slab", "slab16")
 
 
 def unit_geometry(bits: int) -> tuple[int, int]:
@@ -99,7 +104,7 @@ def unit_geometry(bits: int) -> tuple[int, int]:
 def default_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size: int = 128) -> KernelConfig:
     """A reasonable config when the shape is not in TUNED: enough programs along N and K to fill 132 SMs."""
     uc, _ = unit_geometry(bits)
-    if path == "gemv":
+    if path in ("gemv", "slab", "slab16"):
         bn, bk = 32, max(512, uc)
         split = max(1, min(8, (132 * 8) // max(1, -(-N // bn))))
         return KernelConfig(bn, bk, 4, 2, split=split)
@@ -160,9 +165,22 @@ def tc_supported(bits: int, group_size: int, n_groups: int) -> bool:
     return bits in (2, 4, 8) and (n_groups == 1 or group_size % uc == 0)
 
 
-def choose_path(M: int, bits: int, group_size: int, n_groups: int) -> str:
+def slab_ok(bits: int, group_size: int, n_groups: int) -> bool:
+    """The slab layout applies: 2/4/8 bits and groups of whole words (or one group per row)."""
+    return bits in (2, 4, 8) and (n_groups == 1 or group_size % (32 // bits) == 0)
+
+
+def choose_path(M: int, bits: int, group_size: int, n_groups: int, m1: str | None = None) -> str:
     """Kernel for M activation rows: fp16-decode tensor cores where supported (2/4/8 bits), CUDA-core gemv or the
-    fp32-decode tensor-core kernel otherwise, dequantize + cuBLAS for large M."""
+    fp32-decode tensor-core kernel otherwise, dequantize + cuBLAS for large M.
+
+    ``m1`` overrides GEMV_M1 (the kernel at M = 1 where the slab layout applies).
+    """
+    m1 = m1 or GEMV_M1
+    if m1 not in M1_PATHS:
+        raise ValueError(f"unknown M = 1 kernel {m1!r}; use one of {M1_PATHS}")
+    if M == 1 and m1 != "gemv" and slab_ok(bits, group_size, n_groups):
+        return m1
     if M > DOT_MAX_M:
         return "dequant"
     if tc_supported(bits, group_size, n_groups) and not (M == 1 and bits in GEMV_AT_M1):

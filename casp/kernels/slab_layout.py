@@ -1,0 +1,91 @@
+"""The "slab" layout: a kernel-friendly repacking of "uniform" codes, made once per weight on the GPU.
+
+The stored "uniform" format (formats.md) puts consecutive codes of a row in consecutive bit fields, so
+a kernel that unpacks a word gets codes k, k+1, ..., k+cpw-1 (cpw = 32 / b codes per word) and must
+interleave the cpw per-position tiles back into column order before multiplying by x. The slab layout
+removes that step. A row is cut into *slabs* of S = cpw * WPG codes (WPG words per slab); word v of
+slab t holds the codes
+
+    k = t * S + v + j * WPG,   j = 0 .. cpw - 1,   at bits [j * b, j * b + b)
+
+so position j of the slab's WPG words is the contiguous run of columns [t S + j WPG, t S + (j+1) WPG):
+a kernel shifts/masks a [rows, WPG] word tile into cpw tiles and multiplies each by a contiguous slice
+of x. A slab always lies inside one quantization group (S divides group_size, or the layer has a single
+group), so scales and zeros apply once per (row, slab). Rows are padded with zero codes to a whole
+number of slabs. Only b in {2, 4, 8} (codes never straddle words) and group sizes that are a multiple
+of cpw are supported: :func:`slab_words` returns None otherwise and callers use the stored layout.
+
+Pure torch (no Triton): the repacking runs on whatever device the packed weight is on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from casp.quant.packing import unpack_codes
+
+SLAB_CODES = 128  # codes per slab when the group allows it: 8 words at 2 bits, 16 at 4, 32 at 8
+_CACHE_ATTR = "_casp_slab"
+
+
+def slab_words(bits: int, group_size: int, K: int) -> int | None:
+    """Words per slab (WPG, a power of two) for this layer, or None if the slab layout does not apply."""
+    if bits not in (2, 4, 8):
+        return None
+    cpw = 32 // bits
+    best = SLAB_CODES // cpw
+    if group_size >= K:  # one group per row: any slab size keeps the scale constant
+        return best
+    if group_size % cpw:
+        return None
+    per_group = group_size // cpw
+    return min(best, per_group & -per_group)  # largest power of two dividing the group's words
+
+
+def n_slabs(K: int, bits: int, wpg: int) -> int:
+    return -(-K // (wpg * 32 // bits))
+
+
+def repack_slabs(qweight: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Tensor:
+    """Stored "uniform" words [N, ceil(K/32)*b] -> slab words [N, n_slabs * wpg] (int32, same device)."""
+    cpw = 32 // bits
+    S = cpw * wpg
+    codes = unpack_codes(qweight, bits, K)  # [N, K] uint8, stored column order
+    N = codes.shape[0]
+    T = n_slabs(K, bits, wpg)
+    c = torch.zeros(N, T * S, dtype=torch.int64, device=qweight.device)
+    c[:, :K] = codes
+    c = c.view(N, T, cpw, wpg)  # [n, t, j, v] = code of column t*S + j*wpg + v
+    shifts = (torch.arange(cpw, device=qweight.device) * bits).view(1, 1, cpw, 1)
+    words = (c << shifts).sum(2)  # fields never overlap: the sum is the OR
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # uint32 -> int32 bit pattern
+    return words.reshape(N, T * wpg).to(torch.int32)
+
+
+def unpack_slabs(words: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Tensor:
+    """Inverse of :func:`repack_slabs`: slab words -> codes [N, K] (int64), stored column order."""
+    cpw = 32 // bits
+    N = words.shape[0]
+    T = words.shape[1] // wpg
+    w = words.to(torch.int64).view(N, T, 1, wpg)
+    shifts = (torch.arange(cpw, device=words.device) * bits).view(1, 1, cpw, 1)
+    c = (w >> shifts) & ((1 << bits) - 1)  # [n, t, j, v]
+    return c.reshape(N, T * cpw * wpg)[:, :K]
+
+
+def cached_slabs(qweight: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Tensor:
+    """Slab words of ``qweight``, repacked on first use and kept on the tensor object itself.
+
+    A QuantLinear's ``qweight`` buffer is the same tensor at every forward, so the repacking runs once
+    per layer (call a forward before capturing a CUDA graph). The cache is keyed by the tensor's
+    version counter, so an in-place update of the codes (load_state_dict) triggers a fresh repack;
+    moving the module to another device makes a new buffer without the cache. Costs one more copy of
+    the packed codes (b/16 of the fp16 weight's memory).
+    """
+    hit = getattr(qweight, _CACHE_ATTR, None)
+    key = (qweight._version, bits, K, wpg)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    words = repack_slabs(qweight, bits, K, wpg)
+    setattr(qweight, _CACHE_ATTR, (key, words))
+    return words

@@ -1,0 +1,223 @@
+"""Batch-1 GEMV on the slab layout (casp/kernels/slab_layout.py): no interleaving, shifts and masks only.
+
+Per program: BN output rows, a K range of whole slabs (split-K over programs, reduced in-kernel as in
+triton_uniform), SL slabs per loop step, so the word tile is [BN, SL, WPG] (SL * WPG contiguous words
+per row). Position j of a word is the contiguous slice x[t S + j WPG + v], v < WPG, so each position's
+codes multiply a plain slice of x. Per (row, slab), with scale s and zero z of the slab's group:
+
+    sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k)
+
+The inner sum is kept per word lane d[n, sl, v] and folded into the fp32 accumulator once per slab
+(two FFMA per word), the row sum happens once at the end.
+
+Two decodes (``HALF``):
+
+* fp32 (``HALF=False``, path "slab"): ``(w & (mask << sh)) | 0x4B000000`` read as fp32 is 2^23 + q 2^sh,
+  one FFMA gives q, one FFMA accumulates q x: 3 instructions per weight (the old kernel: ~4.5 plus
+  the interleave tree).
+* half2 (``HALF=True``, path "slab16", fp16 activations): one LOP3 puts codes j and j + cpw/2 (same
+  offset in the two 16-bit halves) into a half2 (1024 + q 2^sh), one HFMA2 gives (q_j, q_j'), one
+  HFMA2 accumulates (q_j x_j, q_j' x_j') into a half2 lane sum: 1.5 instructions per weight. The half
+  sums hold at most cpw/2 products (8 at 2 bits, 4 at 4 bits) before they go to fp32, which bounds
+  the fp16 rounding (relative ~1e-3 of a lane sum), but a lane sum overflows fp16 when
+  cpw/2 * (2^b - 1) * |x| > 65504, i.e. |x| > 2730 at 2 bits, 1092 at 4 bits, 257 at 8 bits: use the
+  fp32 decode for models with activation outliers that large.
+
+Without inline PTX (Triton's CPU interpreter) both decodes run the same index arithmetic in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from casp.kernels import uniform_config as cfgs
+from casp.kernels.slab_layout import cached_slabs, n_slabs, slab_words
+from casp.kernels.triton_uniform import _code, _interpreting, _split_plan, _split_reduce
+from casp.kernels.uniform_config import KernelConfig
+
+
+@triton.jit
+def _half_mac(w, x2, d, J: tl.constexpr, BITS: tl.constexpr):
+    """d + (q_J x_J, q_J' x_J') as half2 (int32 bits), q_J, q_J' = codes J and J + 16/BITS of each word w.
+
+    Same constants as triton_uniform._pair: codes far up a half are read from w >> 8 so that
+    q 2^sh < 1024 (the fp16 1024 + q 2^sh is then exact).
+    """
+    S: tl.constexpr = J * BITS
+    FAR: tl.constexpr = ((1 << BITS) - 1) * (1 << S) >= 1024
+    SH: tl.constexpr = S - 8 * FAR
+    MASK: tl.constexpr = (((1 << BITS) - 1) << SH) * 65537
+    SCALE: tl.constexpr = ((15 - SH) << 10) * 65537  # half2(2^-sh, 2^-sh)
+    OFF: tl.constexpr = (0x8000 | ((25 - SH) << 10)) * 65537  # half2(-2^(10-sh), -2^(10-sh))
+    src = w
+    if FAR:
+        src = w >> 8  # arithmetic shift: the mask keeps bits below 24 only
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; lop3.b32 t, $1, $4, $5, 0xEA; fma.rn.f16x2 t, t, $6, $7; fma.rn.f16x2 $0, t, $2, $3; }",
+        "=r,r,r,r,r,r,r,r",
+        [
+            src,
+            x2,
+            d,
+            tl.full(w.shape, MASK, tl.uint32),
+            tl.full(w.shape, 0x64006400, tl.uint32),
+            tl.full(w.shape, SCALE, tl.uint32),
+            tl.full(w.shape, OFF, tl.uint32),
+        ],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _pack2(lo, hi):
+    """int32 holding half2 (lo, hi) of two fp16 tiles."""
+    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _half_sum(d):
+    """fp32 lo + hi of a half2 tile (int32 bits)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 a, b; .reg .f32 fa, fb; mov.b32 {a, b}, $1; cvt.f32.f16 fa, a; cvt.f32.f16 fb, b; "
+        "add.f32 $0, fa, fb; }",
+        "=f,r",
+        [d],
+        dtype=tl.float32,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _slab_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, n_slab, slabs_per_split, G, GROUP, stride_xm, stride_qn, stride_sn, stride_ym,
+    BITS: tl.constexpr, WPG: tl.constexpr, SL: tl.constexpr, BN: tl.constexpr,
+    HALF: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """y[m, rn] = x[m] . W[rn]^T for activation row m = program_id(1), K split over program_id(2)."""
+    CPW: tl.constexpr = 32 // BITS
+    S: tl.constexpr = CPW * WPG  # codes per slab
+    HP: tl.constexpr = CPW // 2
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    rsl = tl.arange(0, SL)
+    rv = tl.arange(0, WPG)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    t_lo = pid_s * slabs_per_split
+    t_hi = tl.minimum(t_lo + slabs_per_split, n_slab)
+    w_ptrs = qw_ptr + rn[:, None, None].to(tl.int64) * stride_qn + (rsl[None, :, None] * WPG + rv[None, None, :])
+    s_rows = rn[:, None].to(tl.int64) * stride_sn  # [BN, 1]
+    acc = tl.zeros([BN, SL, WPG], dtype=tl.float32)
+    # software prefetch: the next step's words are in flight while this one is decoded
+    wn = tl.load(w_ptrs + t_lo * WPG, mask=nmask[:, None, None] & (t_lo + rsl < t_hi)[None, :, None], other=0)
+    for t0 in range(t_lo, t_hi, SL):
+        w = wn
+        wn = tl.load(
+            w_ptrs + (t0 + SL) * WPG, mask=nmask[:, None, None] & (t0 + SL + rsl < t_hi)[None, :, None], other=0
+        )
+        slab = t0 + rsl  # [SL]
+        g = slab * S // GROUP
+        gmask = nmask[:, None] & ((slab < t_hi) & (g < G))[None, :]
+        sc = tl.load(s_ptr + s_rows + g[None, :], mask=gmask, other=0.0).to(tl.float32)  # [BN, SL]
+        zc = tl.load(z_ptr + s_rows + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+        kb = slab[:, None] * S + rv[None, :]  # [SL, WPG]: column of position 0
+        xsum = tl.zeros([SL, WPG], dtype=tl.float32)
+        if HALF and ASM:
+            d2 = tl.zeros([BN, SL, WPG], dtype=tl.int32)  # half2 (0, 0)
+            for J in tl.static_range(HP):
+                k_lo = kb + J * WPG
+                k_hi = kb + (J + HP) * WPG
+                x_lo = tl.load(x_row + k_lo, mask=k_lo < K, other=0.0)
+                x_hi = tl.load(x_row + k_hi, mask=k_hi < K, other=0.0)
+                xsum += x_lo.to(tl.float32) + x_hi.to(tl.float32)
+                x2 = tl.broadcast_to(_pack2(x_lo, x_hi)[None, :, :], [BN, SL, WPG])
+                d2 = _half_mac(w, x2, d2, J, BITS)
+            d = _half_sum(d2)
+        elif HALF:
+            # the half2 path's pairing and shifts, in fp32 (interpreter)
+            d = tl.zeros([BN, SL, WPG], dtype=tl.float32)
+            for J in tl.static_range(HP):
+                SJ: tl.constexpr = J * BITS
+                FAR: tl.constexpr = ((1 << BITS) - 1) * (1 << SJ) >= 1024
+                SH: tl.constexpr = SJ - 8 * FAR
+                src = w
+                if FAR:
+                    src = w >> 8
+                k_lo = kb + J * WPG
+                k_hi = kb + (J + HP) * WPG
+                x_lo = tl.load(x_row + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_row + k_hi, mask=k_hi < K, other=0.0).to(tl.float32)
+                xsum += x_lo + x_hi
+                q_lo = ((src >> SH) & ((1 << BITS) - 1)).to(tl.float32)
+                q_hi = ((src >> (16 + SH)) & ((1 << BITS) - 1)).to(tl.float32)
+                d += q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :]
+        else:
+            d = tl.zeros([BN, SL, WPG], dtype=tl.float32)
+            for J in tl.static_range(CPW):
+                k = kb + J * WPG
+                xj = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+                xsum += xj
+                d += _code(w, w, w, J, BITS, ASM) * xj[None, :, :]
+        acc += sc[:, :, None] * (d - zc[:, :, None] * xsum[None, :, :])
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+    omask = nmask
+    if SPLIT > 1:
+        y, last = _split_reduce(y, ws_ptr, cnt_ptr, m * N + rn, nmask, pid_n * M + m, pid_s, M * N, SPLIT)
+        omask = nmask & last
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=omask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+def slab_supported(bits: int, group_size: int, K: int) -> bool:
+    """True if the slab layout applies (b in {2, 4, 8}, group size a multiple of the codes per word)."""
+    return slab_words(bits, group_size, K) is not None
+
+
+def slab_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    cfg: KernelConfig | None = None,
+    half: bool = True,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] W^T on the slab layout (repacked once per qweight tensor, then cached on it).
+
+    ``half`` selects the half2 decode (fp16 x only; bf16 x always uses the fp32 decode).
+    ``cfg.bk`` is the codes per loop step (a multiple of the slab size; smaller values are rounded up).
+    """
+    M, K = x.shape
+    N, n_groups = scales.shape
+    wpg = slab_words(bits, group_size, K)
+    if wpg is None:
+        raise ValueError(f"the slab kernel needs 2, 4 or 8 bits and a group size that is a multiple of "
+                         f"{32 // bits if bits in (2, 4, 8) else 'the codes per word'}; got {bits} bits, group "
+                         f"{group_size}: use path 'gemv'")  # fmt: skip
+    cfg = cfg or cfgs.pick_config("slab", bits, N, K, M, group_size)
+    words = cached_slabs(qweight, bits, K, wpg)
+    S = wpg * 32 // bits
+    sl = max(1, cfg.bk // S)
+    T = n_slabs(K, bits, wpg)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    nb = triton.cdiv(N, cfg.bn)
+    per, split, ws, cnt = _split_plan(T, sl, cfg.split, nb * M, M, N, x.device)
+    _slab_gemv_kernel[(nb, M, split)](
+        x, words, scales, zeros, bias if bias is not None else y, y, ws if ws is not None else y,
+        cnt if cnt is not None else words,
+        M, N, K, T, per, n_groups, group_size, x.stride(0), words.stride(0), scales.stride(0), y.stride(0),
+        BITS=bits, WPG=wpg, SL=sl, BN=cfg.bn, HALF=half and x.dtype == torch.float16, ASM=not _interpreting(),
+        HAS_BIAS=bias is not None, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y

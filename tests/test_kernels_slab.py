@@ -1,0 +1,141 @@
+"""The slab layout (casp/kernels/slab_layout.py), its batch-1 kernels' dispatch, and the 7B decode benchmark's
+CPU smoke run. The Triton kernels themselves run under Triton's CPU interpreter when triton is installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from casp.kernels import slab_layout as sl
+from casp.kernels import uniform_config as cfgs
+from casp.quant.uniform import UniformWeight
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _layer(N=24, K=200, bits=2, group=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = -(-K // group)
+    codes = torch.randint(0, 1 << bits, (N, K), generator=g)
+    scales = torch.rand(N, G, generator=g) * 0.01 + 0.002
+    zeros = torch.randint(0, 1 << bits, (N, G), generator=g).half()
+    return UniformWeight.from_codes(codes, scales, zeros, bits, group)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize(("K", "group"), [(200, 40), (576, 128), (100, 100), (256, 64), (96, 48)])
+def test_repack_matches_the_slab_formula(bits, K, group):
+    qw = _layer(K=K, bits=bits, group=group)
+    wpg = sl.slab_words(bits, group, K)
+    if wpg is None:
+        assert group % (32 // bits) and group < K
+        return
+    words = sl.repack_slabs(qw.qweight, bits, K, wpg)
+    cpw = 32 // bits
+    S = cpw * wpg
+    T = sl.n_slabs(K, bits, wpg)
+    assert words.shape == (24, T * wpg) and words.dtype == torch.int32
+    codes = qw.codes().long()
+    # slow reference: word v of slab t holds code t*S + v + j*wpg at bits [j*b, j*b + b)
+    u = words.long() & 0xFFFFFFFF
+    for t in range(T):
+        for v in range(wpg):
+            for j in range(cpw):
+                k = t * S + v + j * wpg
+                want = codes[:, k] if k < K else torch.zeros(24, dtype=torch.long)
+                assert torch.equal((u[:, t * wpg + v] >> (j * bits)) & ((1 << bits) - 1), want)
+    assert torch.equal(sl.unpack_slabs(words, bits, K, wpg), codes)
+    # a slab never crosses a group boundary
+    assert group >= K or group % S == 0
+
+
+def test_slab_words_choices():
+    assert sl.slab_words(2, 128, 4096) == 8 and sl.slab_words(4, 128, 4096) == 16 and sl.slab_words(8, 128, 4096) == 32
+    assert sl.slab_words(2, 4096, 4096) == 8  # one group per row
+    assert sl.slab_words(2, 48, 96) == 1  # 48 codes = 3 words: slabs of one word
+    assert sl.slab_words(2, 8, 72) is None  # a group splits a word
+    assert sl.slab_words(3, 128, 4096) is None  # 3-bit codes straddle words
+    for bits, group, n_groups in ((2, 128, 32), (4, 8, 9), (2, 8, 9), (3, 128, 32), (8, 100, 1)):
+        ok = cfgs.slab_ok(bits, group, n_groups)
+        assert ok == (sl.slab_words(bits, group, group * n_groups if n_groups > 1 else group) is not None)
+
+
+def test_cached_slabs_reused_and_invalidated_by_inplace_update():
+    qw = _layer(bits=4, group=40)
+    a = sl.cached_slabs(qw.qweight, 4, 200, 8)
+    assert sl.cached_slabs(qw.qweight, 4, 200, 8) is a
+    qw.qweight.copy_(_layer(bits=4, group=40, seed=1).qweight)  # load_state_dict-style in-place update
+    b = sl.cached_slabs(qw.qweight, 4, 200, 8)
+    assert b is not a and torch.equal(b, sl.repack_slabs(qw.qweight, 4, 200, 8))
+
+
+def test_choose_path_m1_selects_slab_where_it_applies():
+    assert cfgs.choose_path(1, 2, 128, 32) == cfgs.GEMV_M1
+    assert cfgs.choose_path(1, 2, 128, 32, m1="slab16") == "slab16"
+    assert cfgs.choose_path(1, 4, 128, 32, m1="slab") == "slab"
+    assert cfgs.choose_path(1, 3, 128, 32, m1="slab16") == "gemv"  # 3 bits: stored layout
+    assert cfgs.choose_path(1, 2, 8, 9, m1="slab16") == "gemv"  # group splits a word
+    assert cfgs.choose_path(4, 2, 128, 32, m1="slab16") == "tc"  # batch > 1 unchanged
+    with pytest.raises(ValueError, match="M = 1 kernel"):
+        cfgs.choose_path(1, 2, 128, 32, m1="fast")
+
+
+_INTERPRET = textwrap.dedent(
+    """
+    import numpy as np, torch
+    import triton.runtime.interpreter as ti
+    _orig = ti._patch_lang_tensor
+    def _patched(tensor, scope):  # numpy 2 refuses int() of a 1-element array that the interpreter passes
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+    ti._patch_lang_tensor = _patched
+    from casp.kernels import triton_uniform as tu
+    from tests.test_kernels_slab import _layer
+    worst = 0.0
+    for (N, K, group) in [(24, 200, 40), (40, 576, 128), (33, 100, 100)]:
+        for bits in (2, 4, 8):
+            qw = _layer(N, K, bits, group)
+            if not tu.cfgs.slab_ok(bits, group, qw.n_groups):
+                continue
+            for path in ("slab", "slab16"):
+                x = torch.randn(1, K).half()
+                b = torch.randn(N).half()
+                y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group, b, path,
+                                      tu.KernelConfig(16, 256, split=2))
+                ref = x.double() @ qw.dequantize(torch.float64).T + b.double()
+                worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+    assert worst < 3e-3, worst
+    print("ok", worst)
+    """
+)
+
+
+@pytest.mark.skipif(
+    subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode != 0,
+    reason="triton not installed (the kernels run on GPU; CI checks layout and dispatch only)",
+)
+def test_slab_kernels_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
+
+
+def test_decode_7b_tiny_smoke(tmp_path):
+    out = tmp_path / "decode.txt"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode_7b.py"), "--tiny", "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "casp 2-bit g128" in text and "casp mix 2/4-bit g128" in text
+    assert "same argmax True" in text and "rel 0.0e+00" in text  # CPU: QuantLinear runs the torch path
