@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -235,7 +236,17 @@ def main() -> None:
     ap.add_argument("--eager-tokens", type=int, default=None, help="timed eager steps (default 16; tiny 4)")
     ap.add_argument("--m1", default="gemv,slab,slab16", help="batch-1 kernels to time for casp (uniform_config)")
     ap.add_argument("--no-mix", action="store_true", help="skip the mixed 2/4-bit variant")
+    ap.add_argument("--tuned", default=None, help="JSON of kernel configs from benchmarks/kernels.py --tuned-json")
     args = ap.parse_args()
+    tuned_note = "kernel configs: casp/kernels/uniform_config.py TUNED / defaults"
+    if args.tuned and os.path.exists(args.tuned):
+        with open(args.tuned) as f:
+            entries = json.load(f)
+        for e in entries:
+            uniform_config.TUNED[tuple(e["key"])] = uniform_config.KernelConfig(
+                e["bn"], e["bk"], e["num_warps"], e["num_stages"], split=e["split"]
+            )
+        tuned_note = f"kernel configs: {len(entries)} entries of {args.tuned} over the TUNED table"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else LLAVA_7B
     max_len = args.max_len or (32 if args.tiny else 256)
@@ -256,6 +267,7 @@ def main() -> None:
         "mix: layers 0,1,30,31 at 4-bit (2.25 avg code bits, 2.5 bits/weight); embedding + lm_head fp16",
         f"eager: {n_eager} Python-loop steps; graph: {n_graph} replays of one captured step; "
         "tokens/s = 1 / time per step",
+        tuned_note,
         "",
         f"{'model':<26} {'kernel@M=1':>10} {'weights GB':>10} {'eager tok/s':>11} {'graph tok/s':>11} "
         f"{'graph ms':>9} {'x fp16 eager':>12} {'x fp16 graph':>12} {'graph GB/s':>10}",

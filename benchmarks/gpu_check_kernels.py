@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernels import make_layer, precompile  # noqa: E402  (benchmarks/kernels.py)
+from kernels import SWEEP, make_layer, precompile  # noqa: E402  (benchmarks/kernels.py)
 
 from casp import kernels  # noqa: E402
 from casp.kernels import triton_uniform as tu  # noqa: E402
@@ -66,27 +66,51 @@ def cases():
 
 
 def slab_cases():
-    """Cases of the slab kernels; path "m1:<kernel>" runs the dispatch with GEMV_M1 = <kernel>."""
+    """Cases of the slab kernels. A path "slab16|64|512|4|8" forces KernelConfig(64, 512, 4, split=8) (every config
+    benchmarks/kernels.py sweeps); "m1:<kernel>" runs the dispatch with GEMV_M1 = <kernel>."""
     out = []
     for path in ("slab", "slab16"):
         for N, K in BIG:
             for bits in (2, 4, 8):
                 for group in (128, -1):
                     act = group == 128 and bits in (2, 4)
-                    for M in (1, 3):
-                        out.append((N, K, group, bits, act, torch.float16, M, path, M == 3))
+                    out.append((N, K, group, bits, act, torch.float16, 1, path, False))
             out.append((N, K, 128, 2, False, torch.bfloat16, 1, path, True))
-        for N, K, group in ODD + [(300, 520, 40), (64, 4096, 256)]:
+            out.append((N, K, 128, 4, False, torch.float16, 3, path, True))
+        for N, K, group in ODD + [(300, 520, 40), (64, 4096, 256), (48, 75, -1)]:
             for bits in (2, 4, 8):
                 if group != -1 and group % (32 // bits):
                     continue  # not a slab layout (the dispatch keeps the stored-layout gemv there)
                 for dtype in (torch.float16, torch.bfloat16):
-                    for M in (1, 2):
-                        out.append((N, K, group, bits, bits == 4, dtype, M, path, M == 1))
+                    out.append((N, K, group, bits, bits == 4, dtype, 1, path, dtype == torch.float16))
+        for N, K in ((11008, 4096), (4096, 11008)):
+            for bits in (2, 4):
+                for c in SWEEP["slab"]:
+                    out.append(
+                        (
+                            N,
+                            K,
+                            128,
+                            bits,
+                            False,
+                            torch.float16,
+                            1,
+                            f"{path}|{c.bn}|{c.bk}|{c.num_warps}|{c.split}",
+                            False,
+                        )
+                    )
         for N, K, group in ((11008, 4096, 128), (576, 576, 128), (40, 72, 8), (33, 100, -1)):
             for bits in (2, 3, 4, 8):
                 out.append((N, K, group, bits, False, torch.float16, 1, f"m1:{path}", True))
     return out
+
+
+def _path_cfg(path):
+    """(path, KernelConfig or None) of a case's path string."""
+    if path is None or "|" not in path:
+        return path, None
+    name, bn, bk, nw, split = path.split("|")
+    return name, tu.KernelConfig(int(bn), int(bk), int(nw), split=int(split))
 
 
 def _run(x, qw, g, bits, bias, path):
@@ -102,7 +126,8 @@ def _run(x, qw, g, bits, bias, path):
         finally:
             tu.cfgs.GEMV_M1 = "gemv"
         return y, name
-    y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, qw.perm, bits, g, bias, path)
+    name, cfg = _path_cfg(path)
+    y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, qw.perm, bits, g, bias, name, cfg)
     return y, path
 
 
@@ -119,7 +144,8 @@ def _warm(case) -> str:
     x = torch.randn(M, K, dtype=dtype, device="cuda")
     b = torch.zeros(N, dtype=dtype, device="cuda") if bias else None
     try:
-        tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, b, path)
+        name, cfg = _path_cfg(path)
+        tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, b, name, cfg)
         torch.cuda.synchronize()
     except Exception as e:  # reported again (as a failed case) when the case runs in the parent
         return f"{type(e).__name__}"
@@ -173,7 +199,7 @@ def main() -> None:
         worst[wkey] = max(worst.get(wkey, 0.0), err_torch)
         line = (
             f"{'OK ' if ok else 'FAIL'} N={N:<5} K={K:<5} g={g:<5} b={bits} act={int(act)} {str(dtype)[6:]:>8} "
-            f"M={M:<4} {name:<16} bias={int(use_bias)} max|y-torch|={err_torch:.2e} rel={rel:.1e} "
+            f"M={M:<4} {name:<22} bias={int(use_bias)} max|y-torch|={err_torch:.2e} rel={rel:.1e} "
             f"(torch path rel={rel_torch:.1e})"
         )
         lines.append(line)

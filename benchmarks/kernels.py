@@ -26,6 +26,7 @@ casp/kernels/triton_uniform.py.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing as mp
 import os
@@ -54,8 +55,8 @@ SWEEP = {
            C(128, 128, 4, split=8), C(128, 64, 4, split=4)],
     "dot": [C(64, 128, 4, split=4), C(16, 256, 4, split=4)],
     "dequant": [C(32, 256, 4, 1)],
-    "slab": [C(32, 512, 4, split=4), C(64, 512, 4, split=4), C(16, 512, 4, split=4), C(64, 512, 8, split=4),
-             C(32, 1024, 4, split=2), C(128, 512, 8, split=2), C(32, 256, 4, split=8), C(64, 256, 4, split=4)],
+    "slab": [C(64, 512, 4, split=4), C(64, 512, 4, split=8), C(128, 512, 4, split=4), C(128, 512, 8, split=4),
+             C(64, 256, 4, split=8), C(32, 512, 4, split=8), C(128, 256, 4, split=8), C(64, 1024, 4, split=4)],
 }  # fmt: skip
 SWEEP["slab16"] = SWEEP["slab"]
 
@@ -214,6 +215,7 @@ def main() -> None:
     ap.add_argument("--sweep-log", default=None, help="with --sweep: write every config's time here")
     ap.add_argument("--m1-paths", default="gemv,slab,slab16", help="kernels timed (one row each) at M = 1")
     ap.add_argument("--sweep-paths", default=None, help="sweep SWEEP configs for these paths only, e.g. slab,slab16")
+    ap.add_argument("--tuned-json", default=None, help="write the best configs found here (decode_7b.py --tuned)")
     args = ap.parse_args()
     m1_paths = tuple(p for p in args.m1_paths.split(",") if p)
     sweep_paths = set(args.sweep_paths.split(",")) if args.sweep_paths else set()
@@ -285,6 +287,9 @@ def main() -> None:
                     continue
                 if args.sweep and M in (1, 16):
                     tuned[(best[1], bits, N, K, M)] = best[2]
+                for _us, path, cfg in rows:
+                    if path in sweep_paths and M in (1, 16):
+                        tuned[(path, bits, N, K, M)] = cfg  # each swept path's own best (e.g. slab and slab16)
                 if args.sweep and M == 1:
                     m1_best.append((bits, best[1]))
                 for us, path, cfg in rows:
@@ -307,10 +312,15 @@ def main() -> None:
             ]
             + ["}"]
         )
-        gemv_wins = sorted({b for b, p in m1_best if p == "gemv"})
-        table.append(f"M=1 rows where the CUDA-core gemv beat the tensor-core kernel, by bits: {gemv_wins}")
+        if args.sweep:
+            gemv_wins = sorted({b for b, p in m1_best if p == "gemv"})
+            table.append(f"M=1 rows where the CUDA-core gemv beat the tensor-core kernel, by bits: {gemv_wins}")
         print("\n".join(table))
         lines += table
+    if args.tuned_json and tuned:
+        with open(args.tuned_json, "w") as f:
+            json.dump([{"key": list(k), "bn": c.bn, "bk": c.bk, "num_warps": c.num_warps, "num_stages": c.num_stages,
+                        "split": c.split} for k, c in sorted(tuned.items())], f, indent=1)  # fmt: skip
     if args.sweep_log:
         with open(args.sweep_log, "w") as f:
             f.write("\n".join(sweep_log) + "\n")

@@ -29,7 +29,7 @@ def _layer(N=24, K=200, bits=2, group=40, seed=0):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize(("K", "group"), [(200, 40), (576, 128), (100, 100), (256, 64), (96, 48)])
+@pytest.mark.parametrize(("K", "group"), [(200, 40), (576, 128), (100, 100), (256, 64), (96, 48), (75, 75)])
 def test_repack_matches_the_slab_formula(bits, K, group):
     qw = _layer(K=K, bits=bits, group=group)
     wpg = sl.slab_words(bits, group, K)
@@ -42,14 +42,17 @@ def test_repack_matches_the_slab_formula(bits, K, group):
     T = sl.n_slabs(K, bits, wpg)
     assert words.shape == (24, T * wpg) and words.dtype == torch.int32
     codes = qw.codes().long()
-    # slow reference: word v of slab t holds code t*S + v + j*wpg at bits [j*b, j*b + b)
+    # slow reference: field J of word v of slab t holds column t*S + 2*(v + J*wpg) in its low half (bits
+    # [J*b, J*b + b)) and the next column in its high half (bits [16 + J*b, ...))
     u = words.long() & 0xFFFFFFFF
     for t in range(T):
         for v in range(wpg):
-            for j in range(cpw):
-                k = t * S + v + j * wpg
-                want = codes[:, k] if k < K else torch.zeros(24, dtype=torch.long)
-                assert torch.equal((u[:, t * wpg + v] >> (j * bits)) & ((1 << bits) - 1), want)
+            for J in range(cpw // 2):
+                for h in range(2):
+                    k = t * S + 2 * (v + J * wpg) + h
+                    want = codes[:, k] if k < K else torch.zeros(24, dtype=torch.long)
+                    got = (u[:, t * wpg + v] >> (16 * h + J * bits)) & ((1 << bits) - 1)
+                    assert torch.equal(got, want), (t, v, J, h)
     assert torch.equal(sl.unpack_slabs(words, bits, K, wpg), codes)
     # a slab never crosses a group boundary
     assert group >= K or group % S == 0
@@ -98,7 +101,11 @@ _INTERPRET = textwrap.dedent(
     from casp.kernels import triton_uniform as tu
     from tests.test_kernels_slab import _layer
     worst = 0.0
-    for (N, K, group) in [(24, 200, 40), (40, 576, 128), (33, 100, 100)]:
+    # (N, K, group, config): masked tiles, a K range split in two, an odd K (one group), and an EVEN layer
+    # (whole tiles, no masks, the last prefetch clamped)
+    cases = [(24, 200, 40, (16, 256, 2)), (40, 576, 128, (16, 256, 2)), (33, 75, 75, (16, 256, 1)),
+             (64, 1024, 128, (64, 512, 2)), (32, 512, 128, (32, 256, 1))]
+    for (N, K, group, (bn, bk, split)) in cases:
         for bits in (2, 4, 8):
             qw = _layer(N, K, bits, group)
             if not tu.cfgs.slab_ok(bits, group, qw.n_groups):
@@ -107,7 +114,7 @@ _INTERPRET = textwrap.dedent(
                 x = torch.randn(1, K).half()
                 b = torch.randn(N).half()
                 y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group, b, path,
-                                      tu.KernelConfig(16, 256, split=2))
+                                      tu.KernelConfig(bn, bk, split=split))
                 ref = x.double() @ qw.dequantize(torch.float64).T + b.double()
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
     assert worst < 3e-3, worst

@@ -2,18 +2,21 @@
 
 The stored "uniform" format (formats.md) puts consecutive codes of a row in consecutive bit fields, so
 a kernel that unpacks a word gets codes k, k+1, ..., k+cpw-1 (cpw = 32 / b codes per word) and must
-interleave the cpw per-position tiles back into column order before multiplying by x. The slab layout
-removes that step. A row is cut into *slabs* of S = cpw * WPG codes (WPG words per slab); word v of
-slab t holds the codes
+interleave the per-position tiles back into column order, and pair fp16 activations up, before it can
+multiply. The slab layout removes both steps. A row is cut into *slabs* of S = cpw * WPG codes (WPG words
+per slab). A word has cpw/2 fields of b bits in each 16-bit half; field J of word v of slab t holds
 
-    k = t * S + v + j * WPG,   j = 0 .. cpw - 1,   at bits [j * b, j * b + b)
+    low half,  bits [J b, J b + b):            column t S + 2 (v + J WPG)
+    high half, bits [16 + J b, 16 + J b + b):  column t S + 2 (v + J WPG) + 1
 
-so position j of the slab's WPG words is the contiguous run of columns [t S + j WPG, t S + (j+1) WPG):
-a kernel shifts/masks a [rows, WPG] word tile into cpw tiles and multiplies each by a contiguous slice
-of x. A slab always lies inside one quantization group (S divides group_size, or the layer has a single
-group), so scales and zeros apply once per (row, slab). Rows are padded with zero codes to a whole
-number of slabs. Only b in {2, 4, 8} (codes never straddle words) and group sizes that are a multiple
-of cpw are supported: :func:`slab_words` returns None otherwise and callers use the stored layout.
+so field J of the WPG words of a slab covers the column *pairs* p = v + J WPG, a contiguous run of pairs:
+one 32-bit load of the activations gives the (x[2p], x[2p+1]) half2 that multiplies the (low, high)
+codes that one LOP3 extracts from a word, and a [rows, WPG] word tile turns into cpw/2 such products with
+shifts and masks only. A slab always lies inside one quantization group (S divides group_size, or the
+layer has a single group), so scales and zeros apply once per (row, slab). Rows are padded with zero
+codes to a whole number of slabs. Only b in {2, 4, 8} (codes never straddle words) and group sizes that
+are a multiple of cpw are supported: :func:`slab_words` returns None otherwise and callers use the stored
+layout.
 
 Pure torch (no Triton): the repacking runs on whatever device the packed weight is on.
 """
@@ -48,29 +51,32 @@ def n_slabs(K: int, bits: int, wpg: int) -> int:
 
 def repack_slabs(qweight: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Tensor:
     """Stored "uniform" words [N, ceil(K/32)*b] -> slab words [N, n_slabs * wpg] (int32, same device)."""
-    cpw = 32 // bits
-    S = cpw * wpg
+    hp = 16 // bits  # fields per 16-bit half
+    T = n_slabs(K, bits, wpg)
     codes = unpack_codes(qweight, bits, K)  # [N, K] uint8, stored column order
     N = codes.shape[0]
-    T = n_slabs(K, bits, wpg)
-    c = torch.zeros(N, T * S, dtype=torch.int64, device=qweight.device)
+    c = torch.zeros(N, T * 2 * hp * wpg, dtype=torch.int64, device=qweight.device)
     c[:, :K] = codes
-    c = c.view(N, T, cpw, wpg)  # [n, t, j, v] = code of column t*S + j*wpg + v
-    shifts = (torch.arange(cpw, device=qweight.device) * bits).view(1, 1, cpw, 1)
-    words = (c << shifts).sum(2)  # fields never overlap: the sum is the OR
+    c = c.view(N, T, hp, wpg, 2)  # [n, t, J, v, h] = code of column t*S + 2*(J*wpg + v) + h
+    shifts = torch.arange(hp, device=qweight.device).view(1, 1, hp, 1, 1) * bits + torch.tensor(
+        [0, 16], device=qweight.device
+    ).view(1, 1, 1, 1, 2)
+    words = (c << shifts).sum((2, 4))  # fields never overlap: the sum is the OR; [N, T, wpg]
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # uint32 -> int32 bit pattern
     return words.reshape(N, T * wpg).to(torch.int32)
 
 
 def unpack_slabs(words: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Tensor:
     """Inverse of :func:`repack_slabs`: slab words -> codes [N, K] (int64), stored column order."""
-    cpw = 32 // bits
+    hp = 16 // bits
     N = words.shape[0]
     T = words.shape[1] // wpg
-    w = words.to(torch.int64).view(N, T, 1, wpg)
-    shifts = (torch.arange(cpw, device=words.device) * bits).view(1, 1, cpw, 1)
-    c = (w >> shifts) & ((1 << bits) - 1)  # [n, t, j, v]
-    return c.reshape(N, T * cpw * wpg)[:, :K]
+    w = words.to(torch.int64).view(N, T, 1, wpg, 1)
+    shifts = torch.arange(hp, device=words.device).view(1, 1, hp, 1, 1) * bits + torch.tensor(
+        [0, 16], device=words.device
+    ).view(1, 1, 1, 1, 2)
+    c = (w >> shifts) & ((1 << bits) - 1)  # [n, t, J, v, h]
+    return c.reshape(N, T * 2 * hp * wpg)[:, :K]
 
 
 def cached_slabs(qweight: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Tensor:

@@ -1,27 +1,28 @@
 """Batch-1 GEMV on the slab layout (casp/kernels/slab_layout.py): no interleaving, shifts and masks only.
 
 Per program: BN output rows, a K range of whole slabs (split-K over programs, reduced in-kernel as in
-triton_uniform), SL slabs per loop step, so the word tile is [BN, SL, WPG] (SL * WPG contiguous words
-per row). Position j of a word is the contiguous slice x[t S + j WPG + v], v < WPG, so each position's
-codes multiply a plain slice of x. Per (row, slab), with scale s and zero z of the slab's group:
+triton_uniform), SL slabs per loop step, so the word tile is [SL, BN, WPG] (SL * WPG contiguous words
+per row). The activations are read as 32-bit column pairs (x[2p], x[2p+1]); field J of a word's two
+halves holds the codes of one such pair, and field J of a slab's WPG words covers WPG consecutive pairs,
+so every load of x is a plain contiguous slice. Per (row, slab), with scale s and zero z of its group:
 
     sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k)
 
-The inner sum is kept per word lane d[n, sl, v] and folded into the fp32 accumulator once per slab
-(two FFMA per word), the row sum happens once at the end.
+The inner sums are kept per word lane d[n, sl, v] and folded into the fp32 accumulator once per slab
+(two FFMA per word); the row sum happens once at the end.
 
 Two decodes (``HALF``):
 
 * fp32 (``HALF=False``, path "slab"): ``(w & (mask << sh)) | 0x4B000000`` read as fp32 is 2^23 + q 2^sh,
-  one FFMA gives q, one FFMA accumulates q x: 3 instructions per weight (the old kernel: ~4.5 plus
-  the interleave tree).
-* half2 (``HALF=True``, path "slab16", fp16 activations): one LOP3 puts codes j and j + cpw/2 (same
-  offset in the two 16-bit halves) into a half2 (1024 + q 2^sh), one HFMA2 gives (q_j, q_j'), one
-  HFMA2 accumulates (q_j x_j, q_j' x_j') into a half2 lane sum: 1.5 instructions per weight. The half
-  sums hold at most cpw/2 products (8 at 2 bits, 4 at 4 bits) before they go to fp32, which bounds
-  the fp16 rounding (relative ~1e-3 of a lane sum), but a lane sum overflows fp16 when
-  cpw/2 * (2^b - 1) * |x| > 65504, i.e. |x| > 2730 at 2 bits, 1092 at 4 bits, 257 at 8 bits: use the
-  fp32 decode for models with activation outliers that large.
+  one FFMA gives q, one FFMA accumulates q x: 3 instructions per weight (the stored-layout gemv: ~4.5
+  plus the interleave tree). fp16 or bf16 activations.
+* half2 (``HALF=True``, path "slab16", fp16 activations): one LOP3 puts the two codes of field J into a
+  half2 (1024 + q 2^sh, 1024 + q' 2^sh), one HFMA2 gives (q, q'), one HFMA2 accumulates
+  (q x[2p], q' x[2p+1]) with the pair loaded as is: 1.5 instructions per weight. A half2 lane sum holds
+  at most cpw/2 products (8 at 2 bits, 4 at 4 bits) before it goes to fp32, which bounds the fp16
+  rounding (relative ~1e-3 of a lane sum), but it overflows fp16 when cpw/2 * (2^b - 1) * |x| > 65504,
+  i.e. |x| > 2730 at 2 bits, 1092 at 4 bits, 257 at 8 bits: use the fp32 decode for models whose
+  activations reach that.
 
 Without inline PTX (Triton's CPU interpreter) both decodes run the same index arithmetic in fp32.
 """
@@ -29,6 +30,7 @@ Without inline PTX (Triton's CPU interpreter) both decodes run the same index ar
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -93,16 +95,39 @@ def _half_sum(d):
 
 
 @triton.jit
+def _hadd2(a, b):
+    """a + b of half2 tiles (int32 bits)."""
+    return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _split_pair(x2, XBF16: tl.constexpr):
+    """fp32 (x[2p], x[2p+1]) of a tile of 32-bit activation pairs (fp16 or bf16 halves)."""
+    if XBF16:
+        lo = (x2 << 16).to(tl.float32, bitcast=True)
+        hi = (x2 & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = (x2 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (x2 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
 def _slab_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, n_slab, slabs_per_split, G, GROUP, stride_xm, stride_qn, stride_sn, stride_ym,
+    M, N, KH, n_slab, slabs_per_split, G, GROUP, stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr, WPG: tl.constexpr, SL: tl.constexpr, BN: tl.constexpr,
-    HALF: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    HALF: tl.constexpr, ASM: tl.constexpr, XBF16: tl.constexpr, EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """y[m, rn] = x[m] . W[rn]^T for activation row m = program_id(1), K split over program_id(2)."""
-    CPW: tl.constexpr = 32 // BITS
-    S: tl.constexpr = CPW * WPG  # codes per slab
-    HP: tl.constexpr = CPW // 2
+    """y[m, rn] = x[m] . W[rn]^T for activation row m = program_id(1), K split over program_id(2).
+
+    x_ptr: the activations as int32 column pairs [M, KH]; EVEN: N % BN == 0 and every loop step holds
+    whole in-range slabs (no masks).
+    """
+    HP: tl.constexpr = 16 // BITS  # fields per 16-bit half
+    SP: tl.constexpr = HP * WPG  # column pairs per slab
+    S: tl.constexpr = 2 * SP  # codes per slab
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -110,64 +135,78 @@ def _slab_gemv_kernel(
     nmask = rn < N
     rsl = tl.arange(0, SL)
     rv = tl.arange(0, WPG)
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
     t_lo = pid_s * slabs_per_split
     t_hi = tl.minimum(t_lo + slabs_per_split, n_slab)
-    w_ptrs = qw_ptr + rn[:, None, None].to(tl.int64) * stride_qn + (rsl[None, :, None] * WPG + rv[None, None, :])
-    s_rows = rn[:, None].to(tl.int64) * stride_sn  # [BN, 1]
-    acc = tl.zeros([BN, SL, WPG], dtype=tl.float32)
+    # Tiles are [SL, BN, WPG] (slab, row, word): with the slab axis ahead of the row axis, Triton gives each
+    # thread 4 consecutive words (one 16-byte load) of one slab in several rows, so each activation pair it
+    # loads and sums serves several rows.
+    w_ptrs = qw_ptr + rn[None, :, None].to(tl.int64) * stride_qn + (rsl[:, None, None] * WPG + rv[None, None, :])
+    x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + (rsl[:, None] * SP + rv[None, :])  # [SL, WPG], field 0 of slab 0
+    s_rows = rn[None, :].to(tl.int64) * stride_sn  # [1, BN]
+    acc = tl.zeros([SL, BN, WPG], dtype=tl.float32)
     # software prefetch: the next step's words are in flight while this one is decoded
-    wn = tl.load(w_ptrs + t_lo * WPG, mask=nmask[:, None, None] & (t_lo + rsl < t_hi)[None, :, None], other=0)
+    if EVEN:
+        wn = tl.load(w_ptrs + t_lo * WPG)
+    else:
+        wn = tl.load(w_ptrs + t_lo * WPG, mask=nmask[None, :, None] & (t_lo + rsl < t_hi)[:, None, None], other=0)
     for t0 in range(t_lo, t_hi, SL):
         w = wn
-        wn = tl.load(
-            w_ptrs + (t0 + SL) * WPG, mask=nmask[:, None, None] & (t0 + SL + rsl < t_hi)[None, :, None], other=0
-        )
+        if EVEN:
+            wn = tl.load(w_ptrs + tl.minimum(t0 + SL, t_hi - SL) * WPG)  # the last prefetch re-reads a valid tile
+        else:
+            wn = tl.load(
+                w_ptrs + (t0 + SL) * WPG, mask=nmask[None, :, None] & (t0 + SL + rsl < t_hi)[:, None, None], other=0
+            )
         slab = t0 + rsl  # [SL]
         g = slab * S // GROUP
-        gmask = nmask[:, None] & ((slab < t_hi) & (g < G))[None, :]
-        sc = tl.load(s_ptr + s_rows + g[None, :], mask=gmask, other=0.0).to(tl.float32)  # [BN, SL]
-        zc = tl.load(z_ptr + s_rows + g[None, :], mask=gmask, other=0.0).to(tl.float32)
-        kb = slab[:, None] * S + rv[None, :]  # [SL, WPG]: column of position 0
-        xsum = tl.zeros([SL, WPG], dtype=tl.float32)
-        if HALF and ASM:
-            d2 = tl.zeros([BN, SL, WPG], dtype=tl.int32)  # half2 (0, 0)
-            for J in tl.static_range(HP):
-                k_lo = kb + J * WPG
-                k_hi = kb + (J + HP) * WPG
-                x_lo = tl.load(x_row + k_lo, mask=k_lo < K, other=0.0)
-                x_hi = tl.load(x_row + k_hi, mask=k_hi < K, other=0.0)
-                xsum += x_lo.to(tl.float32) + x_hi.to(tl.float32)
-                x2 = tl.broadcast_to(_pack2(x_lo, x_hi)[None, :, :], [BN, SL, WPG])
-                d2 = _half_mac(w, x2, d2, J, BITS)
-            d = _half_sum(d2)
-        elif HALF:
-            # the half2 path's pairing and shifts, in fp32 (interpreter)
-            d = tl.zeros([BN, SL, WPG], dtype=tl.float32)
-            for J in tl.static_range(HP):
-                SJ: tl.constexpr = J * BITS
-                FAR: tl.constexpr = ((1 << BITS) - 1) * (1 << SJ) >= 1024
-                SH: tl.constexpr = SJ - 8 * FAR
-                src = w
-                if FAR:
-                    src = w >> 8
-                k_lo = kb + J * WPG
-                k_hi = kb + (J + HP) * WPG
-                x_lo = tl.load(x_row + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_row + k_hi, mask=k_hi < K, other=0.0).to(tl.float32)
-                xsum += x_lo + x_hi
-                q_lo = ((src >> SH) & ((1 << BITS) - 1)).to(tl.float32)
-                q_hi = ((src >> (16 + SH)) & ((1 << BITS) - 1)).to(tl.float32)
-                d += q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :]
+        if EVEN:
+            sc = tl.load(s_ptr + s_rows + g[:, None]).to(tl.float32)  # [SL, BN]
+            zc = tl.load(z_ptr + s_rows + g[:, None]).to(tl.float32)
         else:
-            d = tl.zeros([BN, SL, WPG], dtype=tl.float32)
-            for J in tl.static_range(CPW):
-                k = kb + J * WPG
-                xj = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-                xsum += xj
-                d += _code(w, w, w, J, BITS, ASM) * xj[None, :, :]
-        acc += sc[:, :, None] * (d - zc[:, :, None] * xsum[None, :, :])
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+            gmask = nmask[None, :] & ((slab < t_hi) & (g < G))[:, None]
+            sc = tl.load(s_ptr + s_rows + g[:, None], mask=gmask, other=0.0).to(tl.float32)
+            zc = tl.load(z_ptr + s_rows + g[:, None], mask=gmask, other=0.0).to(tl.float32)
+        xp = x_ptrs + t0 * SP
+        pair0 = slab[:, None] * SP + rv[None, :]  # [SL, WPG]: pair index of field 0
+        if HALF and ASM:
+            d2 = tl.zeros([SL, BN, WPG], dtype=tl.int32)  # half2 (0, 0)
+            xs2 = tl.zeros([SL, WPG], dtype=tl.int32)
+            for J in tl.static_range(HP):
+                if EVEN:
+                    x2 = tl.load(xp + J * WPG)
+                else:
+                    x2 = tl.load(xp + J * WPG, mask=pair0 + J * WPG < KH, other=0)
+                xs2 = _hadd2(xs2, x2)
+                d2 = _half_mac(w, tl.broadcast_to(x2[:, None, :], [SL, BN, WPG]), d2, J, BITS)
+            d = _half_sum(d2)
+            xsum = _half_sum(xs2)
+        else:
+            d = tl.zeros([SL, BN, WPG], dtype=tl.float32)
+            xsum = tl.zeros([SL, WPG], dtype=tl.float32)
+            for J in tl.static_range(HP):
+                if EVEN:
+                    x2 = tl.load(xp + J * WPG)
+                else:
+                    x2 = tl.load(xp + J * WPG, mask=pair0 + J * WPG < KH, other=0)
+                x_lo, x_hi = _split_pair(x2, XBF16)
+                xsum += x_lo + x_hi
+                if HALF:
+                    # the half2 path's shifts and masks, in fp32 (interpreter)
+                    SJ: tl.constexpr = J * BITS
+                    FAR: tl.constexpr = ((1 << BITS) - 1) * (1 << SJ) >= 1024
+                    SH: tl.constexpr = SJ - 8 * FAR
+                    src = w
+                    if FAR:
+                        src = w >> 8
+                    q_lo = ((src >> SH) & ((1 << BITS) - 1)).to(tl.float32)
+                    q_hi = ((src >> (16 + SH)) & ((1 << BITS) - 1)).to(tl.float32)
+                else:
+                    q_lo = _code(w, w, w, J, BITS, ASM)
+                    q_hi = _code(w, w, w, J + HP, BITS, ASM)
+                d += q_lo * x_lo[:, None, :]  # two separate FFMA chains (a sum of products first costs FMUL + FADD)
+                d += q_hi * x_hi[:, None, :]
+        acc += sc[:, :, None] * (d - zc[:, :, None] * xsum[:, None, :])
+    y = tl.sum(tl.sum(acc, axis=2), axis=0)  # [BN]
     omask = nmask
     if SPLIT > 1:
         y, last = _split_reduce(y, ws_ptr, cnt_ptr, m * N + rn, nmask, pid_n * M + m, pid_s, M * N, SPLIT)
@@ -205,19 +244,23 @@ def slab_gemv(
         raise ValueError(f"the slab kernel needs 2, 4 or 8 bits and a group size that is a multiple of "
                          f"{32 // bits if bits in (2, 4, 8) else 'the codes per word'}; got {bits} bits, group "
                          f"{group_size}: use path 'gemv'")  # fmt: skip
-    cfg = cfg or cfgs.pick_config("slab", bits, N, K, M, group_size)
+    cfg = cfg or cfgs.pick_config("slab16" if half else "slab", bits, N, K, M, group_size)
     words = cached_slabs(qweight, bits, K, wpg)
     S = wpg * 32 // bits
     sl = max(1, cfg.bk // S)
     T = n_slabs(K, bits, wpg)
+    xp = x if K % 2 == 0 else F.pad(x, (0, 1))  # whole column pairs
+    xp = xp.contiguous().view(torch.int32)  # [M, ceil(K/2)] pairs of fp16/bf16
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     nb = triton.cdiv(N, cfg.bn)
     per, split, ws, cnt = _split_plan(T, sl, cfg.split, nb * M, M, N, x.device)
+    even = N % cfg.bn == 0 and T % sl == 0 and K == T * S
     _slab_gemv_kernel[(nb, M, split)](
-        x, words, scales, zeros, bias if bias is not None else y, y, ws if ws is not None else y,
+        xp, words, scales, zeros, bias if bias is not None else y, y, ws if ws is not None else y,
         cnt if cnt is not None else words,
-        M, N, K, T, per, n_groups, group_size, x.stride(0), words.stride(0), scales.stride(0), y.stride(0),
+        M, N, xp.shape[1], T, per, n_groups, group_size, xp.stride(0), words.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, WPG=wpg, SL=sl, BN=cfg.bn, HALF=half and x.dtype == torch.float16, ASM=not _interpreting(),
-        HAS_BIAS=bias is not None, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        XBF16=x.dtype == torch.bfloat16, EVEN=even, HAS_BIAS=bias is not None, SPLIT=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

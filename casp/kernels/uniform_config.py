@@ -104,7 +104,12 @@ def unit_geometry(bits: int) -> tuple[int, int]:
 def default_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size: int = 128) -> KernelConfig:
     """A reasonable config when the shape is not in TUNED: enough programs along N and K to fill 132 SMs."""
     uc, _ = unit_geometry(bits)
-    if path in ("gemv", "slab", "slab16"):
+    if path in ("slab", "slab16"):
+        # 64 rows x 4 slabs: each thread holds 16-byte word runs of 4 rows (see triton_slab), 128 registers
+        bn = 64
+        split = max(1, min(8, (132 * 8) // max(1, -(-N // bn))))
+        return KernelConfig(bn, 512, 4, 2, split=split)
+    if path == "gemv":
         bn, bk = 32, max(512, uc)
         split = max(1, min(8, (132 * 8) // max(1, -(-N // bn))))
         return KernelConfig(bn, bk, 4, 2, split=split)
