@@ -162,6 +162,8 @@ def main() -> None:
     args = ap.parse_args()
     all_cases = {"all": cases() + slab_cases(), "slab": slab_cases(), "old": cases()}[args.only]
     precompile(all_cases, args.workers, fn=_warm)
+    # each line goes to the file as it is made: a run cut off by a time limit keeps the cases it checked
+    out = open(args.out, "w", buffering=1) if args.out else None  # noqa: SIM115
     lines, fails, layers = [], 0, {}
     worst = {}
     for case in all_cases:
@@ -183,6 +185,8 @@ def main() -> None:
             line = f"FAIL N={N} K={K} g={g} b={bits} {path}: {type(e).__name__}: {str(e)[:300]}"
             print(line, flush=True)
             lines.append(line)
+            if out:
+                out.write(line + "\n")
             continue
         if path is not None and path.startswith("m1:"):
             name = f"{path}->{name.split(':')[-1]}"
@@ -203,6 +207,8 @@ def main() -> None:
             f"(torch path rel={rel_torch:.1e})"
         )
         lines.append(line)
+        if out:
+            out.write(line + "\n")
         if not ok:
             print(line, flush=True)
     # the module wrapper goes through the same dispatch
@@ -220,9 +226,9 @@ def main() -> None:
     ]
     summary.append(f"{len(all_cases) + 1 - fails} passed, {fails} failed")
     print("\n".join(lines[-12:] + summary), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines + summary) + "\n")
+    if out:
+        out.write("\n".join(lines[-1:] + summary) + "\n")
+        out.close()
     sys.exit(1 if fails else 0)
 
 
