@@ -190,6 +190,58 @@ def errors(qw: UniformWeight, x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
     return float((y.float() - y_torch.float()).abs().max()), float((y.float() - ref).abs().max()), float(d)
 
 
+AQLM_CONFIGS = [(64, 8, 4), (64, 16, 4), (128, 8, 8)]  # (bn, bj, num_warps) of triton_aqlm.aqlm_gemv
+
+
+def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
+    """Batch-1 time of the experimental AQLM 2x8 kernel (random codes and codebooks) vs fp16, one row per shape."""
+    from casp.kernels.triton_aqlm import aqlm_gemv
+    from casp.quant.aqlm import AQLMWeight
+
+    out = ["", "AQLM 2x8 (2 codebooks x 256 codewords x 8 weights, 2 bits/weight + codebooks + row scales), M = 1, "
+           "experimental kernel casp/kernels/triton_aqlm.py (not dispatched):"]  # fmt: skip
+    print("\n".join(out), flush=True)
+    for N, K in shapes:
+        try:
+            g = torch.Generator(device="cuda").manual_seed(N + K)
+            Ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(N * K * 2))]
+            x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+            fp16_us = time_calls([(lambda W=W, x=x: F.linear(x, W)) for W in Ws])
+            del Ws
+            codes = torch.randint(0, 256, (N, K // 8, 2), generator=g, device="cuda").to(torch.uint8)
+            cb = (torch.randn(2, 256, 8, generator=g, device="cuda") * 0.01).half()
+            sc = (torch.rand(N, generator=g, device="cuda") + 0.5).half()
+            qw = AQLMWeight(codes, cb, sc, 8)
+            nbytes = codes.numel() + cb.numel() * 2 + sc.numel() * 2 + K * 2
+            copies = [qw] + [AQLMWeight(codes.clone(), cb.clone(), sc.clone(), 8) for _ in range(n_copies(nbytes) - 1)]
+            best = None
+            for bn, bj, nw in AQLM_CONFIGS:
+                fns = [
+                    (lambda q=q, c=(bn, bj, 4, nw), x=x: aqlm_gemv(x, q.codes, q.codebooks, q.scales, *c))
+                    for q in copies
+                ]
+                us = time_calls(fns)
+                if best is None or us < best[0]:
+                    best = (us, bn, bj, nw)
+            us, bn, bj, nw = best
+            y = aqlm_gemv(x, codes, cb, sc, bn, bj, 4, nw)
+            y_t = qw.matmul(x)
+            ref = x.float() @ qw.dequantize(torch.float32).T
+            rel = float((y.float() - ref).norm() / ref.norm())
+            tbs = nbytes / (us * 1e-6) / 1e12
+            line = (
+                f"{N:>5}x{K:<6} aqlm2x8 M=1 {bn}x{bj}w{nw}k4: {us:.1f} us, fp16 {fp16_us:.1f} us, "
+                f"{fp16_us / us:.2f}x, {tbs:.2f} TB/s ({100 * tbs / copy_tbs:.0f}% of copy), "
+                f"max|y - torch path| {float((y.float() - y_t.float()).abs().max()):.2e}, rel {rel:.1e}"
+            )
+            del copies
+        except Exception as e:  # experimental: report, never lose the main table
+            line = f"{N:>5}x{K:<6} aqlm2x8: FAILED {type(e).__name__}: {str(e)[:200]}"
+        print(line, flush=True)
+        out.append(line)
+    return out
+
+
 def _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us, copy_tbs) -> str:
     """One table row: time, speedup, bandwidth and errors of (path, cfg) on this layer."""
     y = kernel_call(qw0, x, path, cfg)()
@@ -215,6 +267,7 @@ def main() -> None:
     ap.add_argument("--sweep-log", default=None, help="with --sweep: write every config's time here")
     ap.add_argument("--m1-paths", default="gemv,slab,slab16", help="kernels timed (one row each) at M = 1")
     ap.add_argument("--sweep-paths", default=None, help="sweep SWEEP configs for these paths only, e.g. slab,slab16")
+    ap.add_argument("--aqlm", action="store_true", help="also time the experimental AQLM 2x8 GEMV (batch 1)")
     ap.add_argument("--tuned-json", default=None, help="write the best configs found here (decode_7b.py --tuned)")
     args = ap.parse_args()
     m1_paths = tuple(p for p in args.m1_paths.split(",") if p)
@@ -303,6 +356,8 @@ def main() -> None:
         )
         print(f"{N}x{K}{fp16_line}", flush=True)
         lines.append(f"{N}x{K}{fp16_line}")
+    if args.aqlm:
+        lines += aqlm_rows(shapes, copy_tbs)
     if tuned:
         table = (
             ["", "TUNED = {"]
