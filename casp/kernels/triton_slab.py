@@ -250,7 +250,10 @@ def slab_gemv(
     sl = max(1, cfg.bk // S)
     T = n_slabs(K, bits, wpg)
     xp = x if K % 2 == 0 else F.pad(x, (0, 1))  # whole column pairs
-    xp = xp.contiguous().view(torch.int32)  # [M, ceil(K/2)] pairs of fp16/bf16
+    xp = xp.contiguous()
+    if xp.storage_offset() % 2:
+        xp = xp.clone()  # a 32-bit view needs 4-byte alignment
+    xp = xp.view(torch.int32)  # [M, ceil(K/2)] pairs of fp16/bf16
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     nb = triton.cdiv(N, cfg.bn)
     per, split, ws, cnt = _split_plan(T, sl, cfg.split, nb * M, M, N, x.device)
