@@ -109,9 +109,7 @@ def evaluate_loaded(model, processor, adapter, data: dict[str, Path], batch: int
         "vqa_accuracy": vqa["vqa_accuracy"],
         "vqa_per_type": {t: v["exact_match"] for t, v in vqa["per_type"].items()},
         "caption_cider": cap["cider"],
-        "examples": [
-            {k: p[k] for k in ("question", "prediction", "answers")} for p in vqa["predictions"][:6]
-        ],
+        "examples": [{k: p[k] for k in ("question", "prediction", "answers")} for p in vqa["predictions"][:6]],
     }
 
 
@@ -141,21 +139,16 @@ def analysis(model_dir: Path, data, device: str, samples: int, out: Path) -> dic
     from casp.kv import find_pivot_tokens
     from casp.models import load_model
 
-    model, processor, adapter = load_model(
-        model_dir, dtype=torch.float32, device=device, attn_implementation="eager"
-    )
+    model, processor, adapter = load_model(model_dir, dtype=torch.float32, device=device, attn_implementation="eager")
     calib = load_calibration(data["calib"], samples, 0)
     inputs = encode_samples(calib.samples, processor, adapter, 512)
     block_inputs = capture_block_inputs(model, adapter, inputs, device)
     layers = analyze_layers(model, adapter, block_inputs, device)
-    on_device = [
-        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()} for x in inputs
-    ]
+    model.to(device)  # the layer-wise passes stream blocks through the device and leave the model where it was
+    on_device = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()} for x in inputs]
     profile = kv_analyze(model, adapter, on_device)
     first = on_device[0]
-    hidden = model(
-        **first, output_hidden_states=True, use_cache=False
-    ).hidden_states  # embeddings + per block
+    hidden = model(**first, output_hidden_states=True, use_cache=False).hidden_states  # embeddings + per block
     image_mask = adapter.image_token_mask(model, first["input_ids"])[0].cpu()
     pivots = [find_pivot_tokens(h[0].float().cpu()).tolist() for h in hidden[:-1]]  # block i's input
     span = image_mask.nonzero().flatten()
@@ -175,9 +168,7 @@ def analysis(model_dir: Path, data, device: str, samples: int, out: Path) -> dic
     return result
 
 
-def kv_ablation(
-    model_dir: Path, data, device: str, n: int, profile: dict | None, batch: int, residual: int
-) -> dict:
+def kv_ablation(model_dir: Path, data, device: str, n: int, profile: dict | None, batch: int, residual: int) -> dict:
     """Greedy VQA answers with each KV cache (2-bit, ``residual`` most recent tokens kept in fp16)."""
     from PIL import Image
 
@@ -386,9 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="trained real-parts VLM directory")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"]
-    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     ap.add_argument("--quantizers", type=_csv(QUANTIZERS), default=list(QUANTIZERS))
     ap.add_argument("--bits", type=_csv(TARGETS), default=list(TARGETS), help="targets: 2.0,2.25,3")
     ap.add_argument("--methods", type=_csv(METHODS), default=list(METHODS))

@@ -44,8 +44,9 @@ CacheFactory = Callable[[], object]
 # ---- methods ---------------------------------------------------------------------------------------
 
 
-def cache_methods(model, adapter, profile=None, bits: int = 2, ablation: bool = True,
-                  residual: int = 128) -> dict[str, CacheFactory]:
+def cache_methods(
+    model, adapter, profile=None, bits: int = 2, ablation: bool = True, residual: int = 128
+) -> dict[str, CacheFactory]:
     """name -> zero-argument factory of a fresh cache. 'fp16' is transformers' DynamicCache."""
     methods: dict[str, CacheFactory] = {
         "fp16": lambda: DynamicCache(),
@@ -268,9 +269,10 @@ def max_batch_doubling(model, make_cache, prompt_len, gen, image_span, start: in
 def max_batch_extrapolated(model, make_cache, prompt_len, gen, image_span, first: dict, cap: int, log) -> dict | None:
     """Largest batch that generates without OOM, in few runs (each 7B run at a large batch is costly).
 
-    Peak memory is linear in the batch (weights + per-sample cache and activations): fit it on the
-    run at ``first['batch']`` and one at twice that, jump to 95% of the predicted limit, step down 6% per
-    OOM, then up 4% while it fits (at most 6 runs). Every reported number comes from a batch that ran.
+    Peak memory is linear in the batch (weights + per-sample cache and activations): fit it on the run at
+    ``first['batch']`` and one at twice that, try the batch predicted to fill 97% of the GPU, then bisect
+    between the largest batch that ran and the smallest that did not, to within 3% (at most 6 more runs).
+    Every reported number comes from a batch that ran.
     """
     device = model.device
     b1 = first["batch"]
@@ -282,22 +284,24 @@ def max_batch_extrapolated(model, make_cache, prompt_len, gen, image_span, first
     base = first["peak_gb"] - slope * b1
     free_b, _ = torch.cuda.mem_get_info(device)
     capacity = (torch.cuda.memory_allocated(device) + free_b) / 2**30
-    b = min(cap, max(2 * b1, int(0.95 * (capacity - base) / max(slope, 1e-6))))
-    log(f"  peak ~ {base:.1f} GB + {slope:.3f} GB/sample, capacity {capacity:.1f} GB -> try batch {b}")
-    best, runs = second, 0
-    while runs < 6 and b > 2 * b1:
-        r = try_batch(model, make_cache, b, prompt_len, gen, image_span)
-        log(describe(b, r))
-        runs += 1
-        if r is None and best is not second:
-            break  # the step up failed: the previous batch is the answer
-        if r is None:
-            b = int(b * 0.94)
-            continue
-        best = r
-        b = min(cap, int(b * 1.04) + 1)
-        if b == best["batch"]:
+    guess = min(cap, max(2 * b1 + 1, int(0.97 * (capacity - base) / max(slope, 1e-6))))
+    log(f"  peak ~ {base:.1f} GB + {slope:.3f} GB/sample, capacity {capacity:.1f} GB -> try batch {guess}")
+    best, lo, hi = second, 2 * b1, None
+    r = try_batch(model, make_cache, guess, prompt_len, gen, image_span)
+    log(describe(guess, r))
+    if r is not None:
+        return r  # the prediction fits (or hit --max-batch): one step further would exceed the GPU per the fit
+    hi = guess
+    for _ in range(6):
+        if hi - lo <= max(1, lo // 33):
             break
+        mid = (lo + hi + 1) // 2 if hi - lo > 2 else lo + 1
+        r = try_batch(model, make_cache, mid, prompt_len, gen, image_span)
+        log(describe(mid, r))
+        if r is None:
+            hi = mid
+        else:
+            best, lo = r, mid
     return best
 
 
@@ -309,12 +313,18 @@ def efficiency(args, log) -> dict:
     image_span = (5, min(5 + args.image_tokens, args.prompt_len))
     methods = {
         "fp16": lambda: DynamicCache(),
-        "akvq-2bit": lambda: AKVQCache(model, AKVQConfig(bits=2), adapter),
+        "akvq-2bit": lambda: AKVQCache(model, AKVQConfig(bits=2, residual=args.residual), adapter),
     }
+    if args.small_window:  # the fixed-batch row only: what a shorter fp16 window saves on short prompts
+        w = args.small_window
+        methods[f"akvq-2bit-window{w}"] = lambda: AKVQCache(model, AKVQConfig(bits=2, residual=w), adapter)
     rows = {}
     for name, make in methods.items():
         log(f"{name}: fixed batch {args.batch}")
         fixed = try_batch(model, make, args.batch, args.prompt_len, args.gen, image_span)
+        if name.startswith("akvq-2bit-window"):
+            rows[name] = {"fixed": fixed, "max": None}
+            continue
         log(f"{name}: searching the largest batch")
         if device.type == "cuda" and args.search == "extrapolate" and fixed is not None:
             top = max_batch_extrapolated(model, make, args.prompt_len, args.gen, image_span, fixed, args.max_batch, log)
@@ -331,6 +341,7 @@ def efficiency(args, log) -> dict:
         "image_tokens": image_span[1] - image_span[0],
         "gen": args.gen,
         "batch": args.batch,
+        "residual": args.residual,
         "model": "LLaVA-1.5-7B language model shape, random fp16" if not args.cpu_smoke else "tiny random (smoke)",
         "methods": rows,
     }
@@ -339,7 +350,8 @@ def efficiency(args, log) -> dict:
 def efficiency_table(res: dict) -> str:
     lines = [
         f"device {res['device']}, torch {res['torch']}, transformers {res['transformers']}; {res['model']}",
-        f"prompt {res['prompt_len']} tokens ({res['image_tokens']} image positions), {res['gen']} generated",
+        f"prompt {res['prompt_len']} tokens ({res['image_tokens']} image positions), {res['gen']} generated; "
+        f"AKVQ fp16 window {res.get('residual', 128)} tokens",
         "",
         f"| cache | peak GB @ batch {res['batch']} | cache GB @ {res['batch']} | tok/s @ {res['batch']} "
         "| max batch | peak GB @ max | tok/s @ max |",
@@ -349,7 +361,7 @@ def efficiency_table(res: dict) -> str:
         f, m = r["fixed"] or {}, r["max"] or {}
         lines.append(
             f"| {name} | {f.get('peak_gb', float('nan')):.2f} | {f.get('cache_gb', float('nan')):.3f} "
-            f"| {f.get('tokens_per_s', float('nan')):.0f} | {m.get('batch', 'OOM')} "
+            f"| {f.get('tokens_per_s', float('nan')):.0f} | {m.get('batch', '-' if 'window' in name else 'OOM')} "
             f"| {m.get('peak_gb', float('nan')):.2f} | {m.get('tokens_per_s', float('nan')):.0f} |"
         )
     fp, ak = res["methods"].get("fp16", {}), res["methods"].get("akvq-2bit", {})
@@ -477,8 +489,9 @@ def accuracy_smoke(log) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="casp kv-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="casp kv-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--gpu", action="store_true", help="efficiency run on a LLaVA-1.5-7B-shaped model (CUDA)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of every code path")
     p.add_argument("--prompt-len", type=int, default=600)
@@ -504,6 +517,9 @@ def main(argv=None) -> int:
     p.add_argument("--vqa-file", default=None, help="VQA JSONL for --vqa-model (default: the demo world's test split)")
     p.add_argument("--vqa-n", type=int, default=120, help="questions for --vqa-model")
     p.add_argument("--residual", type=int, default=128, help="fp16 recent window of the quantized caches")
+    p.add_argument(
+        "--small-window", type=int, default=0, help="--gpu: also measure AKVQ with this fp16 window (fixed batch only)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -532,10 +548,13 @@ def main(argv=None) -> int:
     if args.vqa_model:
         res = vqa_by_cache(args.vqa_model, args.vqa_file, args.vqa_n, args.residual)
         names = ["exact_match", "vqa_accuracy", "agreement", "kv_bytes"]
-        text = (f"VQA per KV cache method: {args.vqa_model}, {args.vqa_n} questions, fp16 window {args.residual}\n"
-                "| cache | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
-        text += "\n".join(f"| {m} | " + " | ".join(f"{row.get(n, float('nan')):.4g}" for n in names) + " |"
-                          for m, row in res.items())
+        text = (
+            f"VQA per KV cache method: {args.vqa_model}, {args.vqa_n} questions, fp16 window {args.residual}\n"
+            "| cache | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+        )
+        text += "\n".join(
+            f"| {m} | " + " | ".join(f"{row.get(n, float('nan')):.4g}" for n in names) + " |" for m, row in res.items()
+        )
         print(text)
         if args.out:
             with open(args.out, "w") as f:
