@@ -111,9 +111,7 @@ def test_real_weights_classify_a_photo():
     img = Image.open(photo).convert("RGB")
     w, h = img.size
     s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize(
-        (224, 224), Image.BICUBIC
-    )
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((224, 224), Image.BICUBIC)
     x = normalize_image(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None])
     with torch.no_grad():
         probs = model.classify(x).softmax(-1)[0]
@@ -176,9 +174,7 @@ def test_vision_cells_stand_in_for_pixels():
     with torch.no_grad():
         a = model(**inputs).logits
         cells = model.vision_features(inputs["pixel_values"])
-        b = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], vision_cells=cells
-        ).logits
+        b = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], vision_cells=cells).logits
     torch.testing.assert_close(a, b)
 
 
@@ -262,9 +258,7 @@ def test_kv_cache_generation(standin_dir):
 def test_cli_analyze_and_compress(standin_dir, tmp_path):
     calib = write_calibration(tmp_path / "calib", n=2)
     out = tmp_path / "analysis"
-    assert (
-        main(["analyze", str(standin_dir), "--calib", str(calib), "--samples", "2", "--out", str(out)]) == 0
-    )
+    assert main(["analyze", str(standin_dir), "--calib", str(calib), "--samples", "2", "--out", str(out)]) == 0
     layers = json.loads((out / "analysis.json").read_text())["layers"]
     assert len(layers) == 2 and all(0 < row["image_mass"] < 1 for row in layers)
     packed = tmp_path / "rtn4"
@@ -346,7 +340,8 @@ def test_train_projector_only_smoke(tmp_path):
         final_eval_n=2,
     )
     log = train(model, processor, tmp_path / "out", tc, "cpu", include_parts=True)
-    assert log["steps"] == 3 and log["final_eval"]["n"] == 2 and len(log["history"]) == 1
+    assert log["steps"] == 3 and log["final_eval"]["n"] == 2
+    assert [h["step"] for h in log["history"]] == [2, 3]  # periodic monitor + the last step
     assert log["trained_parameters"] == sum(v.numel() for v in proj.values())
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(files) <= 8 and "training_log.json" in files
@@ -368,3 +363,36 @@ def test_answer_loss_equals_model_loss():
         ref = model(input_ids=batch["input_ids"], vision_cells=cells, labels=batch["labels"]).loss
         mine = answer_loss(model, batch["input_ids"], cells, batch["labels"])
     torch.testing.assert_close(mine, ref)
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_train_keeps_the_best_monitored_projector(tmp_path, monkeypatch, keep_best):
+    """When held-out EM falls later in training, the saved projector is the one of the best monitored step."""
+    import casp.demo.train_realvlm as tr
+
+    model, processor = tiny_standin()
+    snapshots = []
+
+    def fake_score(examples, preds):  # monitor EM 0.9 at step 2, then 0.1 (the final evaluation too)
+        snapshots.append({k: v.clone() for k, v in model.projector.state_dict().items()})
+        return {"all": 0.9 if len(snapshots) == 1 else 0.1}
+
+    monkeypatch.setattr(tr, "score", fake_score)
+    tc = tr.TrainConfig(
+        steps=4,
+        batch=2,
+        scenes=4,
+        warmup=1,
+        max_turns=2,
+        min_text_tokens=10,
+        eval_every=2,
+        eval_n=2,
+        final_eval_n=0,
+        keep_best=keep_best,
+    )
+    log = tr.train(model, processor, tmp_path / "out", tc, "cpu", include_parts=True)
+    assert [h["step"] for h in log["history"]] == [2, 4]
+    assert log["selected_step"] == (2 if keep_best else 4)
+    saved = load_realvlm(tmp_path / "out").projector.state_dict()
+    at_step2 = all(torch.equal(saved[k], v) for k, v in snapshots[0].items())
+    assert at_step2 == keep_best

@@ -108,9 +108,7 @@ def conversation_batch(
 
 
 @torch.no_grad()
-def vision_cells(
-    model, processor, images: list[np.ndarray], device, batch: int = 128, desc: str = "features"
-):
+def vision_cells(model, processor, images: list[np.ndarray], device, batch: int = 128, desc: str = "features"):
     """Frozen trunk features of ``images``: fp16 [N, cells, C] on ``device``."""
     out = []
     for k in tqdm(range(0, len(images), batch), desc=desc, file=sys.stderr, mininterval=5.0):
@@ -213,22 +211,37 @@ class TrainConfig:
     eval_n: int = 180
     final_eval_n: int = 600
     seed: int = 0
+    keep_best: bool = True  # save the projector of the step with the best monitor EM, not the last one
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.scenes < 1:
             raise ValueError("steps, batch and scenes must be >= 1")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
-        if self.max_turns < 1 or self.warmup < 1:
-            raise ValueError("max_turns and warmup must be >= 1")
+        if self.max_turns < 1 or self.warmup < 1 or self.eval_every < 1:
+            raise ValueError("max_turns, warmup and eval_every must be >= 1")
 
 
 def lr_factor(progress: float, step: int, tc: TrainConfig) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_lr_ratio`` over progress."""
     warm = min(1.0, (step + 1) / tc.warmup)
-    return warm * (
-        tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    )
+    return warm * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def monitor_step(model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best):
+    """Score the monitor questions, append to ``history``; return the best {step, em, state} so far."""
+    model.eval()
+    with autocast:
+        preds = predict_cells(model, encoder, [ex.qa.question for ex in monitor], monitor_cells)
+    model.train()
+    model.language_model.eval()
+    em = score(monitor, preds)
+    history.append({"step": step, "seconds": round(time.time() - t_train, 1), "loss": loss_ema, "em": em})
+    tqdm.write(f"step {step} t={history[-1]['seconds']}s loss {loss_ema} held-out EM {em}")
+    if best is None or em["all"] > best["em"]:
+        state = {k: v.detach().clone() for k, v in model.projector.state_dict().items()}
+        best = {"step": step, "em": em["all"], "state": state}
+    return best
 
 
 def train(
@@ -263,15 +276,13 @@ def train(
     encoder = ChatEncoder(processor.tokenizer, processor.num_image_tokens, processor.image_token)
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device == "cuda"
-        else torch.autocast("cpu", enabled=False)
+        torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     )
     rng = np.random.default_rng([tc.seed, 7])
     history, losses = [], []
     budget = tc.max_minutes * 60.0
     t_train = time.time()
-    step, loss_ema = 0, None
+    step, loss_ema, best = 0, None, None
     log_every = max(1, min(25, tc.steps // 20))
     bar = tqdm(total=tc.steps, mininterval=5.0, file=sys.stderr, desc="train projector")
     while True:
@@ -303,18 +314,18 @@ def train(
             bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
         bar.update(1)
         if step % tc.eval_every == 0:
-            model.eval()
-            with autocast:
-                preds = predict_cells(model, encoder, [ex.qa.question for ex in monitor], monitor_cells)
-            model.train()
-            model.language_model.eval()
-            em = score(monitor, preds)
-            history.append(
-                {"step": step, "seconds": round(time.time() - t_train, 1), "loss": loss_ema, "em": em}
+            best = monitor_step(
+                model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best
             )
-            tqdm.write(f"step {step} t={history[-1]['seconds']}s loss {loss_ema:.4f} held-out EM {em}")
     bar.close()
     train_seconds = time.time() - t_train
+    if not history or history[-1]["step"] != step:  # the last step is a candidate too
+        best = monitor_step(model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best)
+    if tc.keep_best and best is not None and best["step"] != step:
+        # Held-out accuracy can fall while the training loss still falls (the projector overfits the cached
+        # training scenes): keep the projector of the best monitored step.
+        model.projector.load_state_dict(best["state"])
+        tqdm.write(f"kept the projector of step {best['step']} (monitor EM {best['em']:.4f}), not of step {step}")
 
     model.eval()
     for p in params:
@@ -333,12 +344,11 @@ def train(
         "train_seconds": round(train_seconds, 1),
         "final_loss_ema": loss_ema,
         "history": history,
+        "selected_step": best["step"] if tc.keep_best and best is not None else step,
         "loss_curve": losses,
     }
     model.to("cpu")
-    save_realvlm(
-        model, processor, out, include_parts=include_parts, extra_files={"training_log.json": _dump(log)}
-    )
+    save_realvlm(model, processor, out, include_parts=include_parts, extra_files={"training_log.json": _dump(log)})
     if tc.final_eval_n > 0:
         eval_dtype = torch.float16 if device == "cuda" else torch.float32
         log["final_eval"] = evaluate_dir(out, tc.final_eval_n, device, eval_dtype)
@@ -354,26 +364,21 @@ def _dump(obj) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m casp.demo.train_realvlm", description=__doc__.splitlines()[0]
-    )
+    ap = argparse.ArgumentParser(prog="python -m casp.demo.train_realvlm", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="directory to write (config, projector weights, tokenizer, log)")
-    ap.add_argument(
-        "--eval", type=Path, help="only score this saved real-parts VLM (--final-eval-n questions)"
-    )
+    ap.add_argument("--eval", type=Path, help="only score this saved real-parts VLM (--final-eval-n questions)")
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--batch", type=int, default=TrainConfig.batch)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
-    ap.add_argument(
-        "--scenes", type=int, default=TrainConfig.scenes, help="training scenes (features cached)"
-    )
+    ap.add_argument("--scenes", type=int, default=TrainConfig.scenes, help="training scenes (features cached)")
     ap.add_argument("--max-turns", type=int, default=TrainConfig.max_turns)
     ap.add_argument("--min-text-tokens", type=int, default=TrainConfig.min_text_tokens)
-    ap.add_argument(
-        "--max-minutes", type=float, default=0.0, help="time cap for the training loop (0 = none)"
-    )
+    ap.add_argument("--max-minutes", type=float, default=0.0, help="time cap for the training loop (0 = none)")
     ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    ap.add_argument(
+        "--keep-last", action="store_true", help="save the last projector, not the one with the best monitor EM"
+    )
     ap.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
     ap.add_argument("--final-eval-n", type=int, default=TrainConfig.final_eval_n)
     ap.add_argument("--seed", type=int, default=0)
@@ -383,9 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where the pretrained parts are cached (default: $CASP_CACHE or ~/.cache/casp)",
     )
-    ap.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"]
-    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda requested but CUDA is not available; use --device cpu")
@@ -406,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             min_text_tokens=args.min_text_tokens,
             max_minutes=args.max_minutes,
             eval_every=args.eval_every,
+            keep_best=not args.keep_last,
             eval_n=args.eval_n,
             final_eval_n=args.final_eval_n,
             seed=args.seed,
