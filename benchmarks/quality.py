@@ -19,6 +19,9 @@ the compression report, scales / zeros / permutations / codebooks / low-rank fac
   CASP (+ the same quantizer): whitened low-rank q/k at 25% of their parameters, then the optimal
   allocation over candidates 2/3/4(/8) bits, at a target of 2.25 / 3.25 / 4.25 bits (uniform quantizers:
   the plain runs' nominal budget) or 2 / 2.25 / 3 / 4 (codebook quantizers).
+  ``opt-gptq``: the same allocation without the low-rank step (ablation). A ``-fisher`` suffix (casp-rtn-fisher,
+  opt-gptq-fisher, casp-gptq-fisher) weights each layer's errors by its end-to-end Fisher importance before the
+  knapsack, as ``casp compress --importance fisher`` does; ``opt-gptq-top1`` weights only the top layer.
 The sensitivity table of a CASP quantizer does not depend on the target, so it is measured once and every
 target re-solves the knapsack on it (the plan then goes through ``compress_model``'s resume path).
 Finished runs are kept in the JSON file and skipped on the next call (``--force`` redoes them).
@@ -45,8 +48,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from casp.alloc.importance import fisher_importance  # noqa: E402
 from casp.alloc.knapsack import allocate  # noqa: E402
-from casp.alloc.sensitivity import budget_bits  # noqa: E402
+from casp.alloc.sensitivity import apply_importance, budget_bits  # noqa: E402
 from casp.calib.runner import capture_block_inputs  # noqa: E402
 from casp.compress import PARTIAL, Plan, candidate_configs, compress_model, sensitivity_pass, stats_pass  # noqa: E402
 from casp.config import CompressionConfig  # noqa: E402
@@ -133,14 +137,33 @@ FINDINGS = """## Findings (read from the tables above; written by hand after the
 """
 WORK = Path("~/.cache/casp/quality").expanduser()
 LEVELS = ("2", "2.25", "3", "4")
-METHODS = ("fp16", "rtn", "casp-rtn", "gptq", "opt-gptq", "casp-gptq", "aqlm", "casp-aqlm", "quip", "casp-quip")
+METHODS = (
+    "fp16",
+    "rtn",
+    "casp-rtn",
+    "casp-rtn-fisher",
+    "gptq",
+    "opt-gptq",
+    "opt-gptq-fisher",
+    "opt-gptq-top1",
+    "casp-gptq",
+    "casp-gptq-fisher",
+    "aqlm",
+    "casp-aqlm",
+    "quip",
+    "casp-quip",
+)
 LABELS = {
     "fp16": "fp16 (dequantized Q4_1)",
     "rtn": "RTN",
     "casp-rtn": "CASP + RTN",
+    "casp-rtn-fisher": "CASP + RTN, Fisher-weighted allocation",
     "gptq": "GPTQ",
     "opt-gptq": "GPTQ + optimal bits, no low-rank (ablation)",
+    "opt-gptq-fisher": "GPTQ + Fisher-weighted optimal bits, no low-rank",
+    "opt-gptq-top1": "GPTQ + optimal bits, only the top-Fisher layer weighted (ablation)",
     "casp-gptq": "CASP + GPTQ",
+    "casp-gptq-fisher": "CASP + GPTQ, Fisher-weighted allocation",
     "aqlm": "AQLM 2x8",
     "casp-aqlm": "CASP + AQLM",
     "quip": "QuIP# E8P",
@@ -149,7 +172,22 @@ LABELS = {
 # Cheap AQLM settings for a 2-core CPU (greedy codes, few alternations); see the results file.
 AQLM_OPTIONS = {"beam_size": 1, "max_iters": 3, "kmeans_iters": 5, "cg_iters": 10}
 # Order of importance: what runs first when the time budget is short.
-PRIORITY = ["fp16", "rtn", "gptq", "casp-gptq", "opt-gptq", "quip", "casp-quip", "aqlm", "casp-rtn", "casp-aqlm"]
+PRIORITY = [
+    "fp16",
+    "rtn",
+    "gptq",
+    "casp-gptq",
+    "opt-gptq",
+    "quip",
+    "casp-quip",
+    "aqlm",
+    "casp-rtn",
+    "opt-gptq-fisher",
+    "casp-gptq-fisher",
+    "casp-rtn-fisher",
+    "opt-gptq-top1",
+    "casp-aqlm",
+]
 FIRST = [  # 2.25 first (the paper's regime), then 3 and 4 bits where plain GPTQ still works, then the rest
     "fp16@-",
     "gptq@2.25",
@@ -167,6 +205,10 @@ FIRST = [  # 2.25 first (the paper's regime), then 3 and 4 bits where plain GPTQ
     "aqlm@2",
     "opt-gptq@4",
     "casp-quip@2.25",
+    "opt-gptq-fisher@3",
+    "casp-gptq-fisher@3",
+    "opt-gptq-fisher@4",
+    "casp-gptq-fisher@4",
 ]
 
 
@@ -184,12 +226,18 @@ class Run:
 def make_config(method: str, level: str, samples: int, max_length: int) -> CompressionConfig | None:
     """The CompressionConfig of one grid cell, or None where the cell does not exist.
 
-    ``opt-<q>`` is the ablation "optimal allocation without the low-rank step" (method plain, alloc optimal).
+    ``opt-<q>`` is the ablation "optimal allocation without the low-rank step" (method plain, alloc optimal);
+    a ``-fisher`` suffix weights each layer's errors by its end-to-end Fisher importance (importance="fisher");
+    ``-top1`` (ablation) weights only the layer of largest Fisher importance, by s_top / median(s), all others 1.
     """
-    casp = method.startswith(("casp-", "opt-"))
-    quantizer = method.split("-")[-1]
-    variant = "plain" if method.startswith("opt-") else "casp"
+    parts = method.split("-")
+    casp = parts[0] in ("casp", "opt")
+    quantizer = parts[1] if casp else parts[0]
+    variant = "plain" if parts[0] == "opt" else "casp"
+    importance = "fisher" if parts[-1] in ("fisher", "top1") else "none"
     common = dict(quantizer=quantizer, samples=samples, max_length=max_length, true_sequential=False)
+    if importance == "fisher":
+        common["importance"] = importance
     options = dict(AQLM_OPTIONS) if quantizer == "aqlm" else {}
     if quantizer in ("rtn", "gptq"):
         if not casp:
@@ -298,8 +346,36 @@ def casp_table(model, adapter, inputs, cfg: CompressionConfig, path: Path) -> di
     return data
 
 
-def plan_for_target(data: dict, cfg: CompressionConfig) -> Plan:
-    choice = allocate(data["errors"], data["costs"], budget_bits(data["params"], cfg.bits))
+def importance_table(model, adapter, inputs, names: list[str], path: Path) -> dict[str, float]:
+    """End-to-end weight s_l of every linear, computed as ``make_plan`` does for importance="fisher"
+    (casp.alloc.importance.fisher_importance on the calibration batches, before any compression); cached in
+    ``path``. The weights depend only on the fp16 model and the calibration data, so every method shares them."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if sorted(saved["importance"]) == sorted(names):
+            return saved["importance"]
+    t0 = time.time()
+    importance = fisher_importance(model, inputs, names, adapter.image_token_id(model.config), "cpu")
+    atomic_write_json(path, {"importance": importance, "seconds": round(time.time() - t0, 1)})
+    return importance
+
+
+def top1_importance(importance: dict[str, float]) -> dict[str, float]:
+    """Ablation: weight 1 for every layer except the most important one, which keeps its weight relative to a
+    typical layer (s_top / median s). Tells how much of the Fisher allocation's gain that one layer carries."""
+    top = max(importance, key=importance.get)
+    values = sorted(importance.values())
+    median = values[len(values) // 2]
+    return {n: (importance[top] / median if n == top else 1.0) for n in importance}
+
+
+def plan_for_target(data: dict, cfg: CompressionConfig, importance: dict[str, float] | None = None) -> Plan:
+    """The knapsack on the cached table, with each layer's errors scaled by ``importance`` (as
+    ``casp.compress.sensitivity_pass`` does when CompressionConfig.importance is "fisher")."""
+    errors = data["errors"]
+    if importance:
+        errors = apply_importance(errors, [importance.get(n, 1.0) for n in data["names"]])
+    choice = allocate(errors, data["costs"], budget_bits(data["params"], cfg.bits))
     cands = candidate_configs(cfg)
     spent = sum(data["costs"][i][j] for i, j in enumerate(choice))
     configs = {n: cands[j].to_dict() for n, j in zip(data["names"], choice)}
@@ -308,6 +384,7 @@ def plan_for_target(data: dict, cfg: CompressionConfig) -> Plan:
         "spent_bits": spent,
         "original_params": data["params"],
         "avg_bits_per_original_param": spent / data["params"],
+        "importance": importance or None,
     }
     return Plan(ranks=data["ranks"], configs=configs, attention=data["attention"], allocation=allocation)
 
@@ -339,7 +416,14 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
         key = f"{cfg.method}-{cfg.quantizer}-{'-'.join(map(str, cfg.candidate_bits))}-{args.samples}x{args.max_length}"
         data = casp_table(model, adapter, calib, cfg, args.work / "plans" / f"{key}.json")
         table_seconds = data["seconds"]
-        plan = plan_for_target(data, cfg)
+        importance = None
+        if cfg.importance == "fisher":
+            names = data["names"]
+            fisher_path = args.work / "plans" / f"fisher-{args.samples}x{args.max_length}.json"
+            importance = importance_table(model, adapter, calib, names, fisher_path)
+            if run.method.endswith("-top1"):
+                importance = top1_importance(importance)
+        plan = plan_for_target(data, cfg, importance)
         atomic_write_json(out_dir / PARTIAL / "plan.json", {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
     result = compress_model(
         model, adapter, calib, out_dir, cfg, processor=processor, resume=planned, source=str(model_dir)
@@ -362,6 +446,7 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
         **metrics,
         "compress_seconds": round(compress_seconds, 1),
         "sensitivity_table_seconds": table_seconds,
+        "importance_weights": None if cfg.importance == "none" else run.method.split("-")[-1],
         "layer_configs": histogram,
         "lowrank": {
             "layers": len(lowrank),
@@ -374,7 +459,8 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
 
 
 # ---- why CASP does (not) help here: low-rank spectra, per-type errors and bits ---------------------------
-COMPARED = ("gptq", "opt-gptq", "casp-gptq")  # runs whose per-type errors the analysis puts side by side
+# Runs whose per-type errors the analysis puts side by side.
+COMPARED = ("gptq", "opt-gptq", "opt-gptq-fisher", "casp-gptq", "casp-gptq-fisher")
 LINEAR_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -484,6 +570,69 @@ def analysis_lines(args, results: dict) -> list[str]:
                 f"(layer {dens.index(min(dens))}), max {max(dens):.3f} (layer {dens.index(max(dens))}).",
             ]
             break
+    return lines + fisher_lines(args, results)
+
+
+def _bits(rows: list[dict]) -> float:
+    """Bits per original weight of a set of report rows (overheads and low-rank factors counted)."""
+    return sum(r["storage_bits"] for r in rows) / sum(r["params"] for r in rows)
+
+
+BLOCK_SPANS = ((0, 3), (3, 27), (27, 30))  # first three, middle, last three blocks of SmolLM2's 30
+
+
+def fisher_lines(args, results: dict) -> list[str]:
+    """Where the Fisher weights move bits: s_l per type and block, bits per type / block span of each run,
+    and each run's layer errors summed with and without the weights (the allocator's two objectives)."""
+    path = args.work / "plans" / f"fisher-{args.samples}x{args.max_length}.json"
+    if not path.is_file():
+        return []
+    s = json.loads(path.read_text())["importance"]
+    lines = [
+        "",
+        "Fisher importance s_l (casp.alloc.importance.fisher_importance: n_l E[g^2] E[y^2] of each linear's "
+        "output under the LM loss on the calibration windows, normalized to mean 1 over the 210 linears):",
+        "",
+        "| type | mean s_l | min | max | block of max |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for t in LINEAR_TYPES:
+        sel = {n: v for n, v in s.items() if n.endswith(t)}
+        top = max(sel, key=sel.get)
+        lines.append(
+            f"| {t} | {sum(sel.values()) / len(sel):.3f} | {min(sel.values()):.3f} | {max(sel.values()):.3f} | "
+            f"{top.split('.')[2]} |"
+        )
+    per_block: dict[int, list[float]] = {}
+    for n, v in s.items():
+        per_block.setdefault(int(n.split(".")[2]), []).append(v)
+    lines += [
+        "",
+        "Mean s_l per block: " + ", ".join(f"{b}: {sum(v) / len(v):.2f}" for b, v in sorted(per_block.items())) + ".",
+    ]
+    for level in ("2.25", "3", "4"):
+        runs = [m for m in COMPARED + ("rtn", "casp-rtn", "casp-rtn-fisher") if f"{m}@{level}" in results]
+        reports = {m: args.work / "checkpoints" / f"{m}_{level}" / "casp_report.json" for m in runs}
+        layers = {m: json.loads(p.read_text())["layers"] for m, p in reports.items() if p.is_file()}
+        if not any(m.endswith("fisher") for m in layers):
+            continue
+        spans = [f"blocks {a}-{b - 1}" for a, b in BLOCK_SPANS]
+        lines += [
+            "",
+            f"Level {level}: bits per original weight by linear type and block span, and the sums the "
+            "allocator trades (sum of relative layer errors e_l, and the Fisher-weighted sum s_l e_l):",
+            "",
+            "| run | ppl | " + " | ".join(LINEAR_TYPES) + " | " + " | ".join(spans) + " | sum e_l | sum s_l e_l |",
+            "| --- | --- | " + " | ".join("---" for _ in LINEAR_TYPES + tuple(spans)) + " | --- | --- |",
+        ]
+        for m, rows in layers.items():
+            by_type = [_bits([r for r in rows if r["name"].endswith(t)]) for t in LINEAR_TYPES]
+            by_span = [_bits([r for r in rows if a <= r["block"] < b]) for a, b in BLOCK_SPANS]
+            lines.append(
+                f"| {m} | {cell(results[f'{m}@{level}']).split(' (')[0]} | "
+                + " | ".join(f"{b:.2f}" for b in by_type + by_span)
+                + f" | {sum(r['error'] for r in rows):.3f} | {sum(s[r['name']] * r['error'] for r in rows):.3f} |"
+            )
     return lines
 
 
@@ -533,7 +682,9 @@ def markdown(results: dict, meta: dict, all_runs: list[Run], args) -> str:
         "",
         "Levels: plain RTN/GPTQ use code widths 2/3/4 (group 128) in columns 2.25/3/4; CASP + RTN/GPTQ "
         "targets 2.25/3.25/4.25 there (candidates 2/3/4/8 bits); codebook quantizers use their own "
-        "widths (AQLM 2x8; QuIP# 2/3/4) and CASP targets equal to the column. `n/a`: no such setting.",
+        "widths (AQLM 2x8; QuIP# 2/3/4) and CASP targets equal to the column. Fisher-weighted: the same "
+        "sensitivity table, each layer's errors multiplied by its Fisher importance s_l before the knapsack "
+        "(`--importance fisher`). `n/a`: no such setting.",
         "",
     ]
     if missing:
