@@ -19,7 +19,12 @@ def _add_calib_options(p: argparse.ArgumentParser, required: bool = False) -> No
     p.add_argument("--samples", type=int, default=32, help="number of calibration samples (default 32)")
     p.add_argument("--max-length", type=int, default=512, help="max text tokens per sample (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration rows (default 0)")
-    p.add_argument("--device", default=None, help="compute device for blocks (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda if available, else cpu); compress also takes a list "
+        "(cuda:0,cuda:1; plain cuda = every visible GPU): blocks run on the first, sensitivity jobs on all",
+    )
 
 
 def _device(arg: str | None) -> str:

@@ -40,6 +40,7 @@ from casp.calib.data import load_calibration
 from casp.calib.inputs import encode_samples
 from casp.calib.runner import BlockContext, capture_block_inputs, run_layerwise
 from casp.config import CompressionConfig
+from casp.devices import map_on_devices, resolve_devices
 from casp.formats import modules as table
 from casp.formats.atomic import atomic_write_json
 from casp.lowrank.balance import condition_factors
@@ -135,29 +136,33 @@ def stats_pass(model, adapter, block_inputs, cfg: CompressionConfig, device) -> 
 
 # ---- pass 2: sensitivities and the allocation -----------------------------------------------------
 def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: dict | None = None,
-                     importance: dict[str, float] | None = None):
+                     importance: dict[str, float] | None = None, devices: list[torch.device] | None = None):
     """Candidate errors/costs of every linear. ``extra``: name -> (W, G) of linears outside the blocks;
-    ``importance``: name -> end-to-end weight s_l of that layer's error (1 when missing)."""
+    ``importance``: name -> end-to-end weight s_l of that layer's error (1 when missing); ``devices``: where
+    the candidate quantizations of a block's linears run (one linear per device at a time; default ``device``)."""
     candidates = candidate_configs(cfg)
+    devices = devices or [torch.device(device)]
     names, per_layer, params = [], [], []
 
-    def measure(full: str, W: torch.Tensor, G: torch.Tensor) -> None:
+    def measure(job: tuple[str, torch.Tensor, torch.Tensor], dev: torch.device) -> list:
+        full, W, G = job
+        W, G = W.to(dev).float(), G.to(dev)
         if full in ranks:
             A, B, _ = _lowrank_factors(W, G, ranks[full], cfg)
-            per_layer.append(factor_sensitivity(A, B, G, candidates, quantize))
-        else:
-            per_layer.append(layer_sensitivity(W, G, candidates, quantize))
-        names.append(full)
-        params.append(W.numel())
+            return factor_sensitivity(A, B, G, candidates, quantize)
+        return layer_sensitivity(W, G, candidates, quantize)
+
+    def measure_all(jobs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        per_layer.extend(map_on_devices(measure, jobs, devices))
+        names.extend(full for full, _, _ in jobs)
+        params.extend(W.numel() for _, W, _ in jobs)
 
     def on_block(ctx: BlockContext) -> None:
         grams = ctx.grams(adapter.linear_names)
-        for name in adapter.linear_names:
-            W, _ = _linear_weight(ctx.block.get_submodule(name), device)
-            measure(f"{adapter.block_prefix(ctx.index)}.{name}", W, grams[name])
+        measure_all([(f"{adapter.block_prefix(ctx.index)}.{name}", ctx.block.get_submodule(name).weight.detach(),
+                      grams[name]) for name in adapter.linear_names])
 
-    for full, (W, G) in (extra or {}).items():
-        measure(full, W.to(device).float(), G.to(device))
+    measure_all([(full, W, G) for full, (W, G) in (extra or {}).items()])
     run_layerwise(model, adapter, block_inputs, on_block, device=device, desc="sensitivity")
     errors, costs = candidate_table(per_layer)
     if importance:
@@ -240,7 +245,7 @@ def compress(
     out_dir: str | Path,
     cfg: CompressionConfig,
     calib: str | Path | None = None,
-    device: str = "cpu",
+    device: str | list[str] = "cpu",
     dtype: torch.dtype = torch.float32,
     resume: bool = False,
 ) -> CompressionResult:
@@ -266,11 +271,14 @@ def compress_model(
     out_dir: str | Path,
     cfg: CompressionConfig,
     processor=None,
-    device: str = "cpu",
+    device: str | list[str] = "cpu",
     resume: bool = False,
     source: str = "",
 ) -> CompressionResult:
     """Compress an already loaded model (kept on CPU; blocks visit ``device`` one at a time).
+
+    ``device``: ``cpu``, ``cuda`` (every visible GPU), ``cuda:0,cuda:1`` or a list: blocks run on the first;
+    the sensitivity pass (most of the time at 7B) spreads its per-linear quantizations over all of them.
 
     ``inputs``: calibration batches ready for ``model(**batch)``. For --method casp the model must use eager
     attention (attention maps are measured).
@@ -278,6 +286,8 @@ def compress_model(
     from casp.formats.checkpoint import load_block, save_block, save_compressed
 
     t0 = time.time()
+    devices = resolve_devices(device)
+    device = devices[0]  # blocks run here, one at a time; the sensitivity pass uses every device
     out_dir = Path(out_dir)
     partial = out_dir / PARTIAL
     plan_path = partial / "plan.json"
@@ -288,7 +298,7 @@ def compress_model(
                              "use the same options or a new --out")
         plan = Plan(**saved["plan"])
     else:
-        plan = make_plan(model, adapter, inputs, cfg, device)
+        plan = make_plan(model, adapter, inputs, cfg, device, devices)
         atomic_write_json(plan_path, {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
 
     records: dict[str, dict] = {}
@@ -322,7 +332,7 @@ class CompressionResult:
     report: dict
 
 
-def make_plan(model, adapter, inputs, cfg: CompressionConfig, device) -> Plan:
+def make_plan(model, adapter, inputs, cfg: CompressionConfig, device, devices: list | None = None) -> Plan:
     block_inputs = capture_block_inputs(model, adapter, inputs, device)
     ranks, attention = stats_pass(model, adapter, block_inputs, cfg, device) if cfg.method == "casp" else ({}, [])
     extra = vision_grams(model, adapter, inputs, device) if cfg.vision == "quantize" and adapter.is_multimodal else {}
@@ -332,7 +342,8 @@ def make_plan(model, adapter, inputs, cfg: CompressionConfig, device) -> Plan:
             names = [f"{adapter.block_prefix(i)}.{n}" for i in range(len(adapter.decoder_layers(model)))
                      for n in adapter.linear_names] + list(extra)
             importance = fisher_importance(model, inputs, names, adapter.image_token_id(model.config), device)
-        configs, allocation = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra, importance)
+        configs, allocation = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra, importance,
+                                               devices)
     else:
         qcfg = base_quant_config(cfg).to_dict()
         names = [f"{adapter.block_prefix(i)}.{n}" for i in range(len(adapter.decoder_layers(model)))
