@@ -331,3 +331,19 @@ def test_sliced_dequantization_matches_one_shot(kind):
     assert one.stored == 40
     torch.testing.assert_close(k1, k2, atol=0, rtol=0)
     torch.testing.assert_close(v1, v2, atol=0, rtol=0)
+
+
+def test_bisect_batch_finds_the_largest_batch_that_runs():
+    from casp.kv.bench import bisect_batch
+
+    limit, calls = 137, []
+
+    def run(b):
+        calls.append(b)
+        return {"batch": b} if b <= limit else None
+
+    assert bisect_batch(run, {"batch": 32}, 32, 300, 0.0, max_runs=20)["batch"] == limit
+    assert max(calls) < 300 and len(calls) <= 9
+    within = bisect_batch(run, {"batch": 32}, 32, 300, 1 / 16, max_runs=20)["batch"]
+    assert limit - limit // 16 - 1 <= within <= limit
+    assert bisect_batch(lambda b: None, None, 0, 8, 0.0, max_runs=20) is None  # nothing fits

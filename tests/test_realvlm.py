@@ -322,23 +322,20 @@ def test_chat_encoder_matches_processor_on_smollm2_tokenizer():
     assert answers[0] == "".join(qa.answer + "<|im_end|>" for qa in turns)
 
 
+def tiny_train_config(**overrides):
+    from casp.demo.train_realvlm import TrainConfig
+
+    settings = dict(batch=2, scenes=4, warmup=1, max_turns=2, min_text_tokens=10, eval_every=2, eval_n=2)
+    return TrainConfig(**(settings | overrides))
+
+
 def test_train_projector_only_smoke(tmp_path):
-    from casp.demo.train_realvlm import TrainConfig, train
+    from casp.demo.train_realvlm import train
 
     model, processor = tiny_standin()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("projector.")}
     proj = {k: v.clone() for k, v in model.projector.state_dict().items()}
-    tc = TrainConfig(
-        steps=3,
-        batch=2,
-        scenes=4,
-        warmup=1,
-        max_turns=2,
-        min_text_tokens=10,
-        eval_every=2,
-        eval_n=2,
-        final_eval_n=2,
-    )
+    tc = tiny_train_config(steps=3, final_eval_n=2)
     log = train(model, processor, tmp_path / "out", tc, "cpu", include_parts=True)
     assert log["steps"] == 3 and log["final_eval"]["n"] == 2
     assert [h["step"] for h in log["history"]] == [2, 3]  # periodic monitor + the last step
@@ -378,18 +375,7 @@ def test_train_keeps_the_best_monitored_projector(tmp_path, monkeypatch, keep_be
         return {"all": 0.9 if len(snapshots) == 1 else 0.1}
 
     monkeypatch.setattr(tr, "score", fake_score)
-    tc = tr.TrainConfig(
-        steps=4,
-        batch=2,
-        scenes=4,
-        warmup=1,
-        max_turns=2,
-        min_text_tokens=10,
-        eval_every=2,
-        eval_n=2,
-        final_eval_n=0,
-        keep_best=keep_best,
-    )
+    tc = tiny_train_config(steps=4, final_eval_n=0, keep_best=keep_best)
     log = tr.train(model, processor, tmp_path / "out", tc, "cpu", include_parts=True)
     assert [h["step"] for h in log["history"]] == [2, 4]
     assert log["selected_step"] == (2 if keep_best else 4)

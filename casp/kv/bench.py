@@ -241,28 +241,36 @@ def describe(batch: int, r: dict | None) -> str:
     return f"  batch {batch}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_gb']:.1f} GB"
 
 
-def max_batch_doubling(model, make_cache, prompt_len, gen, image_span, start: int, cap: int, log) -> dict | None:
-    """Largest batch (to within 1/16) that generates without OOM: doubling from ``start``, then bisection."""
-    best, lo, hi = None, 0, None
-    b = start
-    while b <= cap:
-        r = try_batch(model, make_cache, b, prompt_len, gen, image_span)
-        log(describe(b, r))
-        if r is None:
-            hi = b
+def bisect_batch(run, best: dict | None, lo: int, hi: int, rel: float, max_runs: int) -> dict | None:
+    """Bisect between ``lo`` (ran; its result is ``best``) and ``hi`` (out of memory) until ``hi - lo <=
+    rel * lo``; ``run(batch)`` returns a result or None on OOM. Returns the result of the largest batch that ran."""
+    for _ in range(max_runs):
+        if hi - lo <= max(1, int(rel * lo)):
             break
-        best, lo = r, b
-        b *= 2
-    if hi is None:
-        return best
-    while hi - lo > max(1, lo // 16):
-        mid = (lo + hi) // 2
-        r = try_batch(model, make_cache, mid, prompt_len, gen, image_span)
-        log(describe(mid, r))
+        mid = (lo + hi + 1) // 2
+        r = run(mid)
         if r is None:
             hi = mid
         else:
             best, lo = r, mid
+    return best
+
+
+def max_batch_doubling(model, make_cache, prompt_len, gen, image_span, start: int, cap: int, log) -> dict | None:
+    """Largest batch (to within 1/16) that generates without OOM: doubling from ``start``, then bisection."""
+
+    def run(b: int) -> dict | None:
+        r = try_batch(model, make_cache, b, prompt_len, gen, image_span)
+        log(describe(b, r))
+        return r
+
+    best, lo, b = None, 0, start
+    while b <= cap:
+        r = run(b)
+        if r is None:
+            return bisect_batch(run, best, lo, b, 1 / 16, max_runs=16)
+        best, lo = r, b
+        b *= 2
     return best
 
 
@@ -274,35 +282,26 @@ def max_batch_extrapolated(model, make_cache, prompt_len, gen, image_span, first
     between the largest batch that ran and the smallest that did not, to within 3% (at most 6 more runs).
     Every reported number comes from a batch that ran.
     """
-    device = model.device
+
+    def run(b: int) -> dict | None:
+        r = try_batch(model, make_cache, b, prompt_len, gen, image_span)
+        log(describe(b, r))
+        return r
+
     b1 = first["batch"]
-    second = try_batch(model, make_cache, 2 * b1, prompt_len, gen, image_span)
-    log(describe(2 * b1, second))
+    second = run(2 * b1)
     if second is None:
         return max_batch_doubling(model, make_cache, prompt_len, gen, image_span, b1, 2 * b1 - 1, log) or first
     slope = (second["peak_gb"] - first["peak_gb"]) / b1
     base = first["peak_gb"] - slope * b1
-    free_b, _ = torch.cuda.mem_get_info(device)
-    capacity = (torch.cuda.memory_allocated(device) + free_b) / 2**30
+    free_b, _ = torch.cuda.mem_get_info(model.device)
+    capacity = (torch.cuda.memory_allocated(model.device) + free_b) / 2**30
     guess = min(cap, max(2 * b1 + 1, int(0.97 * (capacity - base) / max(slope, 1e-6))))
     log(f"  peak ~ {base:.1f} GB + {slope:.3f} GB/sample, capacity {capacity:.1f} GB -> try batch {guess}")
-    best, lo, hi = second, 2 * b1, None
-    r = try_batch(model, make_cache, guess, prompt_len, gen, image_span)
-    log(describe(guess, r))
+    r = run(guess)
     if r is not None:
         return r  # the prediction fits (or hit --max-batch): one step further would exceed the GPU per the fit
-    hi = guess
-    for _ in range(6):
-        if hi - lo <= max(1, lo // 33):
-            break
-        mid = (lo + hi + 1) // 2 if hi - lo > 2 else lo + 1
-        r = try_batch(model, make_cache, mid, prompt_len, gen, image_span)
-        log(describe(mid, r))
-        if r is None:
-            hi = mid
-        else:
-            best, lo = r, mid
-    return best
+    return bisect_batch(run, second, 2 * b1, guess, 1 / 33, max_runs=6)
 
 
 def efficiency(args, log) -> dict:
