@@ -211,20 +211,24 @@ def predict(model, processor, examples, batch: int = 64, max_new_tokens: int = 8
     return preds
 
 
-def evaluate_checkpoint(path: str | Path, n: int, device: str, dtype: torch.dtype, split: str = "test") -> dict:
-    """Load a saved demo model from disk and score it on ``n`` held-out questions."""
-    model, processor = load_demo_model(path, dtype=dtype, device=device)
-    examples = heldout_examples(split, n)
+def timed_score(examples: list[world.Example], predict_fn, split: str, device: str, dtype: torch.dtype) -> dict:
+    """Exact match of ``predict_fn(examples)`` with the settings and the seconds it took (a training log entry)."""
     t0 = time.time()
-    scores = score(examples, predict(model, processor, examples))
+    scores = score(examples, predict_fn(examples))
     return {
         "split": split,
-        "n": n,
+        "n": len(examples),
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
         "seconds": round(time.time() - t0, 1),
         "exact_match": scores,
     }
+
+
+def evaluate_checkpoint(path: str | Path, n: int, device: str, dtype: torch.dtype, split: str = "test") -> dict:
+    """Load a saved demo model from disk and score it on ``n`` held-out questions."""
+    model, processor = load_demo_model(path, dtype=dtype, device=device)
+    return timed_score(heldout_examples(split, n), lambda ex: predict(model, processor, ex), split, device, dtype)
 
 
 # --------------------------------------------------------------------------------------------- training

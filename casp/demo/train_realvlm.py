@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from casp.demo import world
-from casp.demo.train import IGNORE, heldout_examples, pad_left, pad_right, score
+from casp.demo.train import IGNORE, heldout_examples, lr_factor, pad_left, pad_right, score, timed_score
 
 # --------------------------------------------------------------------------------------------- encoding
 
@@ -180,16 +179,7 @@ def evaluate_dir(path: str | Path, n: int, device: str, dtype: torch.dtype, spli
 
     model, processor, adapter = load_model(path, dtype=dtype, device=device)
     examples = heldout_examples(split, n)
-    t0 = time.time()
-    scores = score(examples, predict(model, processor, adapter, examples))
-    return {
-        "split": split,
-        "n": n,
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": device,
-        "seconds": round(time.time() - t0, 1),
-        "exact_match": scores,
-    }
+    return timed_score(examples, lambda ex: predict(model, processor, adapter, ex), split, device, dtype)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -220,12 +210,6 @@ class TrainConfig:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if self.max_turns < 1 or self.warmup < 1 or self.eval_every < 1:
             raise ValueError("max_turns, warmup and eval_every must be >= 1")
-
-
-def lr_factor(progress: float, step: int, tc: TrainConfig) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_lr_ratio`` over progress."""
-    warm = min(1.0, (step + 1) / tc.warmup)
-    return warm * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def monitor_step(model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best):
