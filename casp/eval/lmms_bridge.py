@@ -24,38 +24,21 @@ import torch
 from PIL import Image
 
 from casp.eval.errors import EvalError
-from casp.eval.lm_eval_bridge import load_for_bridge
+from casp.eval.lm_eval_bridge import LocalLMBase, load_for_bridge
 from casp.eval.ppl import get_tokenizer
-from casp.eval.scoring import continuation_logprob, cut_at_stop, parse_arg_string
+from casp.eval.scoring import continuation_logprob, cut_at_stop
 from casp.eval.tasks import generate_answers
 
 
-class LocalLMMSBase:
-    """Stand-in for ``lmms_eval.api.model.lmms`` when lmms-eval is not installed (single process)."""
+class LocalLMMSBase(LocalLMBase):
+    """Stand-in for ``lmms_eval.api.model.lmms`` when lmms-eval is not installed (single process): the
+    lm-eval stand-in plus the ``task_dict`` that lmms-eval fills with the documents."""
 
     is_simple: bool = True
 
     def __init__(self) -> None:
-        self._rank = 0
-        self._world_size = 1
+        super().__init__()
         self.task_dict: dict = {}
-        self.cache_hook = None
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
-
-    def set_cache_hook(self, cache_hook: Any) -> None:
-        self.cache_hook = cache_hook
-
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        return cls(**parse_arg_string(arg_string), **extra)
 
 
 def _base_class() -> type:
