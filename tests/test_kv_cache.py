@@ -1,5 +1,6 @@
 import dataclasses
 import gc
+import math
 
 import pytest
 import torch
@@ -347,3 +348,23 @@ def test_bisect_batch_finds_the_largest_batch_that_runs():
     within = bisect_batch(run, {"batch": 32}, 32, 300, 1 / 16, max_runs=20)["batch"]
     assert limit - limit // 16 - 1 <= within <= limit
     assert bisect_batch(lambda b: None, None, 0, 8, 0.0, max_runs=20) is None  # nothing fits
+
+
+def test_transformers_quantized_cache_baseline_when_available():
+    """transformers' own quantized cache joins the baselines where this transformers has a usable backend."""
+    from transformers import cache_utils
+
+    from casp.kv.bench import cache_methods, continuation_nll
+
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    methods = cache_methods(model, adapter, ablation=False)
+    if not hasattr(cache_utils, "Fp8QuantizedLayer"):
+        assert not any(name.startswith("transformers-fp8") for name in methods)
+        return
+    assert "transformers-fp8" in methods
+    ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    prefix = {"input_ids": ids[:, :24], "attention_mask": torch.ones(1, 24, dtype=torch.long)}
+    fp16 = continuation_nll(model, prefix, ids[:, 24:], methods["fp16"])
+    fp8 = continuation_nll(model, prefix, ids[:, 24:], methods["transformers-fp8"])
+    assert math.isfinite(fp8) and abs(fp8 - fp16) < 0.05 * fp16  # 8-bit: close to the unquantized cache

@@ -1,4 +1,5 @@
-"""KV-cache benchmark: fp16 vs AKVQ-VL vs KIVI vs uniform 2-bit (and the AKVQ-VL ablation).
+"""KV-cache benchmark: fp16 vs AKVQ-VL vs KIVI vs uniform 2-bit (and the AKVQ-VL ablation), plus
+transformers' own QuantizedCache for each of its backends installed (quanto, HQQ, fp8).
 
 (a) Accuracy (functions the lead wires to the demo model and a real LM):
     ``answer_accuracy(model, processor, adapter, data, methods)``  greedy answers per cache method:
@@ -57,6 +58,26 @@ def cache_methods(
     for name in names:
         label = {"uniform": f"uniform-{bits}bit", "+PSA": f"akvq-{bits}bit"}.get(name, f"akvq {name}")
         methods[label] = lambda cfg=configs[name]: AKVQCache(model, cfg, adapter)
+    methods.update(transformers_quantized_caches(model, bits, residual))
+    return methods
+
+
+def transformers_quantized_caches(model, bits: int = 2, residual: int = 128) -> dict[str, CacheFactory]:
+    """transformers' own ``QuantizedCache`` for each backend usable here: quanto / HQQ at ``bits`` bits
+    (when optimum-quanto / hqq are installed) and per-tensor fp8 (transformers versions that have it)."""
+    import importlib.util
+
+    from transformers import cache_utils
+
+    config = model.config
+    methods: dict[str, CacheFactory] = {}
+    for backend, package in (("quanto", "optimum"), ("hqq", "hqq")):
+        if importlib.util.find_spec(package) is not None:
+            methods[f"transformers-{backend}-{bits}bit"] = lambda b=backend: tf.QuantizedCache(
+                b, config, nbits=bits, residual_length=residual
+            )
+    if hasattr(cache_utils, "Fp8QuantizedLayer"):
+        methods["transformers-fp8"] = lambda: tf.QuantizedCache("fp8", config)
     return methods
 
 
