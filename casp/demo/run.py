@@ -39,6 +39,10 @@ def demo_methods(quick: bool, samples: int) -> list[DemoMethod]:
     paper's 4096) and its attention is less sparse (density 0.34-0.75, benchmarks/results/sparsity_bound_demo.json).
     Measured with the low-rank step alone (every linear at 8 bits): 25% drops held-out VQA exact match from
     0.875 to 0.708, 50% keeps 0.896 (48 questions). The full demo also runs the paper's 25% for comparison.
+
+    Codebook quantizers: QuIP#'s E8P codebook is fixed, so plain QuIP# lands at ~2 bits. AQLM is left out: its
+    learned codebooks (2 x 256 codewords of 8 fp16 values per layer) alone cost 1-2 bits per weight on the demo's
+    256 x 256 and 128 x 256 projections, so no AQLM setting reaches ~2.25 bits on a model this small.
     """
     common = dict(samples=samples, max_length=256)
     casp = dict(method="casp", bits=2.25, alloc="optimal", **common)
@@ -51,6 +55,7 @@ def demo_methods(quick: bool, samples: int) -> list[DemoMethod]:
         methods += [
             DemoMethod("CASP+GPTQ 2.25 rank 25%", CompressionConfig(quantizer="gptq", rank_ratio=0.25, **casp)),
             DemoMethod("CASP+RTN 2.25", CompressionConfig(quantizer="rtn", rank_ratio=0.5, **casp)),
+            DemoMethod("QuIP# E8P 2-bit", CompressionConfig(quantizer="quip", bits=2, **common)),
             DemoMethod("CASP+QuIP# 2.25", CompressionConfig(quantizer="quip", rank_ratio=0.5, candidate_bits=(2, 3, 4),
                                                             **casp)),
         ]
