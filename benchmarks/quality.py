@@ -21,7 +21,7 @@ the compression report, scales / zeros / permutations / codebooks / low-rank fac
   the plain runs' nominal budget) or 2 / 2.25 / 3 / 4 (codebook quantizers).
   ``opt-gptq``: the same allocation without the low-rank step (ablation). A ``-fisher`` suffix (casp-rtn-fisher,
   opt-gptq-fisher, casp-gptq-fisher) weights each layer's errors by its end-to-end Fisher importance before the
-  knapsack, as ``casp compress --importance fisher`` does; ``opt-gptq-top1`` weights only the top layer.
+  knapsack, as ``casp compress --importance fisher`` does; ``opt-gptq-top1/top5`` weight only the top 1 / 5.
 The sensitivity table of a CASP quantizer does not depend on the target, so it is measured once and every
 target re-solves the knapsack on it (the plan then goes through ``compress_model``'s resume path).
 Finished runs are kept in the JSON file and skipped on the next call (``--force`` redoes them).
@@ -88,52 +88,77 @@ NOTES = """## Notes on the setup
 - KV cache: not measured here; the KV-cache owner's run on the same model is in
   benchmarks/results/kv_cache_smollm2_ppl.txt (fp16 / KIVI / uniform / AKVQ 2-bit caches).
 """
-FINDINGS = """## Findings (read from the tables above; written by hand after the run of 2026-11-23)
+FINDINGS = """## Findings (read from the tables above; written by hand after the runs of 2026-11-23)
 
-- CASP does not beat plain quantization at equal bits on this model, except where everything is broken: CASP +
-  GPTQ at 2.25 bits scores 10,873 against plain 2-bit GPTQ's 340,420 (2.32 bits), but both are unusable (fp16:
-  43.5). At 3 bits plain GPTQ wins (95.7 at 3.32 bits vs CASP 141.1 at 3.25), at 4 bits too (51.3 at 4.32 vs
-  79.3 at 4.25), and with QuIP# at 2 bits (114.7 at 2.05 vs CASP 137.9 at 2.00). Part of each gap is the
-  0.05-0.07 bits plain has more; it cannot explain a 50% perplexity gap.
-- The low-rank step costs more than its parameters buy here. Keeping 25% of the q/k parameters (rank 72 of
-  576, 32 of 192) leaves the whitened output error in the low-rank table above, before any quantization: 0.042
-  for q and 0.053 for k on average (up to 0.09-0.10), while dense q/k at 4 bits have an output error of 0.0013
-  / 0.0010 and at 3 bits 0.0064 / 0.0052 (per-type tables). So at 3-4 bits the truncation alone makes the q/k
-  error 7-50x larger than plain GPTQ's. Keeping E <= 1% would need rank ~182 for q and ~92 for k, i.e. ~64% of
-  their parameters: the spectra of these small matrices are flat. Only at 2.25 bits, where plain 2-bit q/k
-  errors (0.072 / 0.062) are already as large as the truncation, does the trade pay: the freed bits take
-  v_proj from 0.204 to 0.021 and o_proj from 0.136 to 0.045 and perplexity drops 31x (still far from usable:
-  the 2-bit MLP layers are left as they are). The q/k projections are only 12.5% of this model's linear
-  parameters (576x576 and 192x576 next to 3 x 576x1536 MLP matrices), so factorizing them frees just 9.5% of
-  the parameters, ~0.2-0.3 bits per parameter of budget at 2.25-3.25 bits, and the small factors pay larger
-  overheads (2.94 / 3.25 bits per stored weight at 2-bit codes against 2.33 / 2.44 for the dense layers; see
-  the notes).
-- The paper's premise is absent: this is a text-only model, there are no redundant image tokens, and the
-  measured attention density is 0.25 on average (a quarter of a row's entries are needed for 95% of its mass;
-  0.71 in layer 0).
-- The "optimal" allocation is itself worse than uniform bits here. The ablation without the low-rank step
-  (GPTQ + optimal bits) scores 175.1 at 3.25 bits against uniform 3-bit GPTQ's 95.7 and CASP's 141.1, and 66.2
-  at 4.25 bits against 51.3 and 79.3. So at 3 bits most of CASP's loss is the allocation (the low-rank step
-  even helps against the same allocator: 175 to 141), at 4 bits both parts lose (51 to 66 from the allocation,
-  66 to 79 from the truncation). The knapsack minimizes the SUM of per-layer relative output errors with no
-  end-to-end weighting: it buys 4 bits for every small v_proj (192 rows, cheap per bit) and pays with 2-bit
-  layers, several of them in blocks 0-2 and 29 (the first and last blocks, which the CASP paper's hand-made
-  allocations protect). At 4.25 bits it spends the budget on 8-bit q/k/v. Plain 2-bit GPTQ collapsing to 340k
-  shows how costly any 2-bit layer is on this model. So casp's allocator needs an end-to-end importance weight
-  per layer (DESIGN 3.4), or at least a floor for the first and last blocks, before CASP can pay off on small
-  text models. casp's `--importance fisher` (CompressionConfig.importance, diagonal-Fisher weights) landed
-  during this run and is not measured here: this benchmark solves the knapsack itself on a cached table
-  (`plan_for_target`), which would have to multiply the errors by those weights.
+- With the layer-local allocation, CASP does not beat plain quantization at equal bits on this model, except
+  where everything is broken: CASP + GPTQ at 2.25 bits scores 10,873 against plain 2-bit GPTQ's 340,420 (2.32
+  bits), both unusable (fp16: 43.5); at 3 bits plain GPTQ wins (95.7 at 3.32 bits vs 141.1 at 3.25), at 4 bits
+  too (51.3 at 4.32 vs 79.3 at 4.25), and with QuIP# at 2 bits (114.7 at 2.05 vs 137.9 at 2.00). CASP + RTN:
+  1.8e5 / 223.9 / 85.3 at 2.25 / 3.25 / 4.25 bits against RTN's 4.3e6 / 241.2 / 60.2 at 2.27 / 3.27 / 4.27:
+  better at 2.25 and 3 bits (2.25 broken either way), worse at 4.
+- With the Fisher-weighted allocation (`--importance fisher`: each layer's errors times its end-to-end weight s_l
+  before the knapsack, same sensitivity table), the allocation no longer loses to uniform bits: GPTQ with
+  Fisher-weighted optimal bits and no low-rank step scores 92.3 at 3.25 bits and 49.8 at 4.25 bits, against
+  uniform GPTQ's 95.7 at 3.32 and 51.3 at 4.32 (fewer bits and lower perplexity, a small margin) and against the
+  unweighted allocation's 175.1 and 66.2. CASP + GPTQ with it: 2,770 at 2.25 bits (from 10,873; still unusable),
+  92.5 at 3.25 (from 141.1: now slightly better than uniform GPTQ at 0.07 fewer bits, but no better than the same
+  allocation without the low-rank step, 92.3), 71.3 at 4.25 (from 79.3; still far behind 49.8 without low-rank
+  and 51.3 uniform: at 4 bits the q/k truncation error, 0.04-0.05, is 30-50x the 4-bit quantization error and no
+  allocation can buy it back). CASP + RTN with it: 4.3e4 / 166.6 / 78.7 (from 1.8e5 / 223.9 / 85.3): better than
+  RTN at 2.25 and 3 bits, still worse at 4 (60.2). So end-to-end weighting fixes the allocation; it does not make
+  the low-rank step pay on this model.
+- Why the unweighted allocation lost (per-layer choices, read from the checkpoints' reports and the cached
+  table): the relative error e_l = tr(dW G dW^T) / tr(W G W^T) divides by the layer's own output energy. The
+  mlp.down_proj of blocks 0, 2, 11, 28 and 29 have tiny 2-bit relative errors (0.0006 for block 11, 0.011-0.048
+  for the other four, against a median of 0.14 for down_proj); blocks 11, 28 and 29 write this model's massive
+  activations (largest |output| on one calibration window 22,978, 14,151 and 5,503, block 2 537, against 8-470 in
+  the other blocks and 38 in block 0; measured once with a forward hook, not by this script), which a 2-bit grid
+  keeps in relative terms. So the unweighted knapsack puts them at 2 bits at every target (without low-rank: all
+  five at 3.25 bits, blocks 11 and 28 still at 4.25; CASP's allocation: four of them at 3.25, block 11 at 4.25).
+  Their Fisher weights are the five largest of the 210 linears: 25x, 21x, 1,779x, 35x and 34x the median layer.
+  The Fisher allocation raises them to 3-8 bits and pays with q/o/gate projections of the middle and late blocks
+  (s_l 0.2-0.9x the median), plus 4-bit k_proj (s_l 2-7x median) where the unweighted one kept 3. Unweighted, the
+  layers below the uniform width have a mean s_l of 108x the median at 3.25 bits; Fisher-weighted, 0.95x.
+  Ablations: weighting only block 11's down_proj (opt-gptq-top1) does not help (182.5 at 3.25 bits, 65.1 at
+  4.25); weighting only the five top layers (opt-gptq-top5, k chosen after seeing the weights) scores 110.3 at
+  3.25 bits, most of the way from 175.1 to 92.3 (72% of the gap in log perplexity; the rest comes from the
+  weights of the other 205 layers), and 51.5 at 4.25 bits, nearly all of the way from 66.2 to 49.8 (88% of the
+  gap; uniform 4-bit GPTQ: 51.3 at 4.32 bits). The allocator's sums tell the same story: the unweighted
+  allocation has a smaller sum of relative errors than uniform GPTQ (3.21 vs 3.52 at 3.25 bits) but a larger
+  Fisher-weighted sum (0.724 vs 0.482), the Fisher allocation the smallest (0.369), in the order of their
+  perplexities; at 4.25 bits 0.264 (unweighted) / 0.102 (uniform) / 0.083 (Fisher), again in the order of their
+  perplexities. The Fisher sum only ranks these three correctly, though; it is no calibrated predictor: the top-5
+  ablation has 0.461 (< uniform's 0.482) with perplexity 110.3 (> 95.7), top-1 0.643 (< 0.724) with 182.5 (>
+  175.1), and CASP + GPTQ (Fisher) at 3.25 bits 0.745 (the q/k truncation counted as if it were noise) with 92.5
+  (< 95.7).
+- The low-rank step costs more than its parameters buy here. Keeping 25% of the q/k parameters (rank 72 of 576,
+  32 of 192) leaves the whitened output error in the low-rank table above, before any quantization: 0.042 for q
+  and 0.053 for k on average (up to 0.09-0.10), while dense q/k at 4 bits have an output error of 0.0013 / 0.0010
+  and at 3 bits 0.0064 / 0.0052 (per-type tables). Keeping E <= 1% would need rank ~182 for q and ~92 for k, i.e.
+  ~64% of their parameters: the spectra of these small matrices are flat. Only at 2.25 bits, where plain 2-bit
+  q/k errors (0.072 / 0.062) are already as large as the truncation, does the trade pay: the freed bits take
+  v_proj from 0.204 to 0.021 and o_proj from 0.136 to 0.045 and perplexity drops 31x (still far from usable: the
+  2-bit MLP layers are left as they are). The q/k projections are only 12.5% of this model's linear parameters
+  (576x576 and 192x576 next to 3 x 576x1536 MLP matrices), so factorizing them frees just 9.5% of the parameters,
+  ~0.2-0.3 bits per parameter of budget at 2.25-3.25 bits, and the small factors pay larger overheads (2.94 /
+  3.25 bits per stored weight at 2-bit codes against 2.33 / 2.44 for the dense layers; see the notes).
+- The paper's premise is absent: this is a text-only model, there are no redundant image tokens, and the measured
+  attention density is 0.25 on average (a quarter of a row's entries are needed for 95% of its mass; 0.71 in
+  layer 0).
 - Codebook quantizers matter most at 2 bits: QuIP# E8P at 2.05 bits (114.7) and AQLM 2x8 with cheap settings
-  (greedy codes, 3 alternations; 190.7 at 2.15 bits, its 2 x 256 x 8 fp16 codebooks and per-row scales cost
-  0.15 bits per weight on these small layers) are three to four orders of magnitude better than 2-bit GPTQ
-  (340k) and RTN (4.3M), which collapse as the environment notes say other tools do. At 3 bits QuIP# (E8P +
-  1-bit residual) scores 59.5 at 3.05 bits, far better than GPTQ's 95.7 at 3.32 bits.
+  (greedy codes, 3 alternations; 190.7 at 2.15 bits, its 2 x 256 x 8 fp16 codebooks and per-row scales cost 0.15
+  bits per weight on these small layers) are three to four orders of magnitude better than 2-bit GPTQ (340k) and
+  RTN (4.3M), which collapse as the environment notes say other tools do. At 3 bits QuIP# (E8P + 1-bit residual)
+  scores 59.5 at 3.05 bits, far better than GPTQ's 95.7 at 3.32 bits (and than every allocation above).
 - How the table was produced: the command above, interrupted twice to change the run order (finished runs are
   reused from the JSON): first with --budget-minutes 62 (fp16, GPTQ and CASP + GPTQ at 2.25), then
   --budget-minutes 50 (GPTQ and CASP + GPTQ at 3 and 4), then --budget-minutes 45 (the rest), then --methods
-  opt-gptq --levels 4 and --methods quip --levels 3, about 100 minutes of CPU time in all on a 2-core machine
-  shared with other jobs.
+  opt-gptq --levels 4 and --methods quip --levels 3, about 100 minutes of CPU time on a 2-core machine shared
+  with other jobs. Then, in a second session: --methods casp-rtn (18 min), --methods
+  opt-gptq-fisher,casp-gptq-fisher --levels 3,4,2.25 (22 min; run at the same time as the next one into a
+  separate --out stem, its runs then merged into this JSON), --methods casp-rtn-fisher (12 min), --methods
+  opt-gptq-top1 --levels 3,4 (7 min), --methods opt-gptq-top5 --levels 3 and --levels 4 (4 min each); the Fisher
+  weights (one backward pass per calibration window, cached in the work folder) took 3 min.
 """
 WORK = Path("~/.cache/casp/quality").expanduser()
 LEVELS = ("2", "2.25", "3", "4")
@@ -146,6 +171,7 @@ METHODS = (
     "opt-gptq",
     "opt-gptq-fisher",
     "opt-gptq-top1",
+    "opt-gptq-top5",
     "casp-gptq",
     "casp-gptq-fisher",
     "aqlm",
@@ -162,6 +188,7 @@ LABELS = {
     "opt-gptq": "GPTQ + optimal bits, no low-rank (ablation)",
     "opt-gptq-fisher": "GPTQ + Fisher-weighted optimal bits, no low-rank",
     "opt-gptq-top1": "GPTQ + optimal bits, only the top-Fisher layer weighted (ablation)",
+    "opt-gptq-top5": "GPTQ + optimal bits, only the 5 top-Fisher layers weighted (ablation)",
     "casp-gptq": "CASP + GPTQ",
     "casp-gptq-fisher": "CASP + GPTQ, Fisher-weighted allocation",
     "aqlm": "AQLM 2x8",
@@ -186,6 +213,7 @@ PRIORITY = [
     "casp-gptq-fisher",
     "casp-rtn-fisher",
     "opt-gptq-top1",
+    "opt-gptq-top5",
     "casp-aqlm",
 ]
 FIRST = [  # 2.25 first (the paper's regime), then 3 and 4 bits where plain GPTQ still works, then the rest
@@ -228,13 +256,13 @@ def make_config(method: str, level: str, samples: int, max_length: int) -> Compr
 
     ``opt-<q>`` is the ablation "optimal allocation without the low-rank step" (method plain, alloc optimal);
     a ``-fisher`` suffix weights each layer's errors by its end-to-end Fisher importance (importance="fisher");
-    ``-top1`` (ablation) weights only the layer of largest Fisher importance, by s_top / median(s), all others 1.
+    ``-top<k>`` (ablation) weights only the k layers of largest Fisher importance, by s_l / median(s), others 1.
     """
     parts = method.split("-")
     casp = parts[0] in ("casp", "opt")
     quantizer = parts[1] if casp else parts[0]
     variant = "plain" if parts[0] == "opt" else "casp"
-    importance = "fisher" if parts[-1] in ("fisher", "top1") else "none"
+    importance = "fisher" if parts[-1] in ("fisher", "top1", "top5") else "none"
     common = dict(quantizer=quantizer, samples=samples, max_length=max_length, true_sequential=False)
     if importance == "fisher":
         common["importance"] = importance
@@ -360,13 +388,13 @@ def importance_table(model, adapter, inputs, names: list[str], path: Path) -> di
     return importance
 
 
-def top1_importance(importance: dict[str, float]) -> dict[str, float]:
-    """Ablation: weight 1 for every layer except the most important one, which keeps its weight relative to a
-    typical layer (s_top / median s). Tells how much of the Fisher allocation's gain that one layer carries."""
-    top = max(importance, key=importance.get)
+def top_importance(importance: dict[str, float], k: int) -> dict[str, float]:
+    """Ablation: weight 1 for every layer except the k most important ones, which keep their weight relative to
+    a typical layer (s_l / median s). Tells how much of the Fisher allocation's gain those layers carry."""
+    top = set(sorted(importance, key=importance.get, reverse=True)[:k])
     values = sorted(importance.values())
     median = values[len(values) // 2]
-    return {n: (importance[top] / median if n == top else 1.0) for n in importance}
+    return {n: (importance[n] / median if n in top else 1.0) for n in importance}
 
 
 def plan_for_target(data: dict, cfg: CompressionConfig, importance: dict[str, float] | None = None) -> Plan:
@@ -421,8 +449,8 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
             names = data["names"]
             fisher_path = args.work / "plans" / f"fisher-{args.samples}x{args.max_length}.json"
             importance = importance_table(model, adapter, calib, names, fisher_path)
-            if run.method.endswith("-top1"):
-                importance = top1_importance(importance)
+            if run.method.split("-")[-1].startswith("top"):
+                importance = top_importance(importance, int(run.method.split("-")[-1][3:]))
         plan = plan_for_target(data, cfg, importance)
         atomic_write_json(out_dir / PARTIAL / "plan.json", {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
     result = compress_model(
@@ -579,6 +607,7 @@ def _bits(rows: list[dict]) -> float:
 
 
 BLOCK_SPANS = ((0, 3), (3, 27), (27, 30))  # first three, middle, last three blocks of SmolLM2's 30
+TOP = 5  # layers of largest Fisher weight whose widths the tables list
 
 
 def fisher_lines(args, results: dict) -> list[str]:
@@ -610,8 +639,17 @@ def fisher_lines(args, results: dict) -> list[str]:
         "",
         "Mean s_l per block: " + ", ".join(f"{b}: {sum(v) / len(v):.2f}" for b, v in sorted(per_block.items())) + ".",
     ]
+    top = sorted(s, key=s.get, reverse=True)[:TOP]
+    median = sorted(s.values())[len(s) // 2]
+    lines += [
+        "",
+        f"The {TOP} largest s_l (times the median layer's): "
+        + ", ".join(f"{n.removeprefix('model.layers.')} {s[n] / median:,.0f}x" for n in top)
+        + ". Their code widths in each run are in the tables below, in this order.",
+    ]
     for level in ("2.25", "3", "4"):
-        runs = [m for m in COMPARED + ("rtn", "casp-rtn", "casp-rtn-fisher") if f"{m}@{level}" in results]
+        extra = ("opt-gptq-top1", "opt-gptq-top5", "rtn", "casp-rtn", "casp-rtn-fisher")
+        runs = [m for m in COMPARED + extra if f"{m}@{level}" in results]
         reports = {m: args.work / "checkpoints" / f"{m}_{level}" / "casp_report.json" for m in runs}
         layers = {m: json.loads(p.read_text())["layers"] for m, p in reports.items() if p.is_file()}
         if not any(m.endswith("fisher") for m in layers):
@@ -622,15 +660,22 @@ def fisher_lines(args, results: dict) -> list[str]:
             f"Level {level}: bits per original weight by linear type and block span, and the sums the "
             "allocator trades (sum of relative layer errors e_l, and the Fisher-weighted sum s_l e_l):",
             "",
-            "| run | ppl | " + " | ".join(LINEAR_TYPES) + " | " + " | ".join(spans) + " | sum e_l | sum s_l e_l |",
-            "| --- | --- | " + " | ".join("---" for _ in LINEAR_TYPES + tuple(spans)) + " | --- | --- |",
+            "| run | ppl | "
+            + " | ".join(LINEAR_TYPES)
+            + " | "
+            + " | ".join(spans)
+            + f" | code bits of the {TOP} top-s_l layers | sum e_l | sum s_l e_l |",
+            "| --- | --- | " + " | ".join("---" for _ in LINEAR_TYPES + tuple(spans)) + " | --- | --- | --- |",
         ]
         for m, rows in layers.items():
             by_type = [_bits([r for r in rows if r["name"].endswith(t)]) for t in LINEAR_TYPES]
             by_span = [_bits([r for r in rows if a <= r["block"] < b]) for a, b in BLOCK_SPANS]
+            code_bits = {r["name"]: r["config"].split("-")[1] for r in rows}  # e.g. gptq-2b-g128 -> 2b
             lines.append(
                 f"| {m} | {cell(results[f'{m}@{level}']).split(' (')[0]} | "
                 + " | ".join(f"{b:.2f}" for b in by_type + by_span)
+                + " | "
+                + " ".join(code_bits[n] for n in top)
                 + f" | {sum(r['error'] for r in rows):.3f} | {sum(s[r['name']] * r['error'] for r in rows):.3f} |"
             )
     return lines
@@ -710,26 +755,36 @@ def markdown(results: dict, meta: dict, all_runs: list[Run], args) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Perplexity vs measured bits: the whole range (left) and the 3-4 bit region where methods differ least."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS[1:]:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.5))
+    colors = plt.get_cmap("tab20").colors
+    for k, method in enumerate(METHODS[1:]):
         recs = sorted((r for r in results.values() if r["method"] == method), key=lambda r: r["avg_bits"])
-        if recs:
-            style = "-o" if method.startswith("casp") else (":^" if method.startswith("opt") else "--s")
-            ax.plot([r["avg_bits"] for r in recs], [r["ppl"] for r in recs], style, label=LABELS[method])
-    if "fp16@-" in results:
-        ax.axhline(results["fp16@-"]["ppl"], color="k", lw=1, ls=":", label=LABELS["fp16"])
-    ax.set_yscale("log")
-    ax.set_xlabel("average bits per original parameter (overheads counted)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title("SmolLM2-135M-Instruct, held-out Jargon File text")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+        if not recs:
+            continue
+        style = "-o" if method.startswith("casp") else (":^" if method.startswith("opt") else "--s")
+        for ax in axes:
+            xs = [r["avg_bits"] for r in recs]
+            ax.plot(xs, [r["ppl"] for r in recs], style, color=colors[k % len(colors)], label=LABELS[method])
+    for ax in axes:
+        if "fp16@-" in results:
+            ax.axhline(results["fp16@-"]["ppl"], color="k", lw=1, ls=":", label=LABELS["fp16"])
+        ax.set_yscale("log")
+        ax.set_xlabel("average bits per original parameter (overheads counted)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("perplexity (log scale)")
+    axes[0].set_title("SmolLM2-135M-Instruct, held-out Jargon File text")
+    axes[1].set_xlim(2.95, 4.4)
+    axes[1].set_ylim(40, 300)
+    axes[1].set_title("zoom: 3-4 bits")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
