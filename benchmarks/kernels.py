@@ -56,7 +56,7 @@ SWEEP = {
     "dot": [C(64, 128, 4, split=4), C(16, 256, 4, split=4)],
     "dequant": [C(32, 256, 4, 1)],
     "slab": [C(64, 512, 4, split=4), C(64, 512, 4, split=8), C(128, 512, 4, split=4), C(128, 512, 8, split=4),
-             C(64, 256, 4, split=8), C(32, 512, 4, split=8), C(128, 256, 4, split=8), C(64, 1024, 4, split=4)],
+             C(64, 256, 4, split=8)],
 }  # fmt: skip
 SWEEP["slab16"] = SWEEP["slab"]
 
