@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from casp.kernels import triton_uniform as tu  # noqa: E402
+from casp.kernels import uniform_config as cfgs  # noqa: E402  (pure Python: planning works without Triton)
 from casp.quant.uniform import UniformWeight  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (13824, 5120), (5120, 13824)]  # (N out, K in)
@@ -48,7 +48,7 @@ GROUP = 128
 PEAK_TBS = 3.35  # H100 SXM HBM3, nominal
 ROTATE_BYTES = 200e6  # > 160 MB: weights stream from HBM, not L2
 
-C = tu.KernelConfig
+C = cfgs.KernelConfig
 SWEEP = {
     "gemv": [C(32, 512, 4, split=4), C(16, 512, 4, split=2), C(8, 512, 4, split=4)],
     "tc": [C(64, 128, 4, split=2), C(64, 128, 4, split=4), C(128, 128, 4, split=2), C(128, 128, 4, split=4),
@@ -59,6 +59,25 @@ SWEEP = {
              C(64, 256, 4, split=8)],
 }  # fmt: skip
 SWEEP["slab16"] = SWEEP["slab"]
+
+
+def _tu():
+    """casp.kernels.triton_uniform, imported on first kernel call (it needs Triton; planning does not)."""
+    from casp.kernels import triton_uniform
+
+    return triton_uniform
+
+
+def plan_tasks(shapes, bits_list, batches, sweep: bool, m1_paths, sweep_paths) -> list[tuple]:
+    """Every (N, K, bits, group, M, path, config, dtype, act_order) that main() compiles and times."""
+    return [
+        (N, K, b, GROUP, M, p, c, torch.float16, False)
+        for (N, K) in shapes
+        for b in bits_list
+        for M in batches
+        for p in paths_for(M, b, sweep, m1_paths)
+        for c in candidates(p, b, N, K, M, sweep or p in sweep_paths)
+    ]
 
 
 def make_layer(N: int, K: int, bits: int, group: int, device: str, act_order: bool = False, seed: int = 0):
@@ -122,6 +141,7 @@ def copy_bandwidth() -> float:
 
 def kernel_call(qw: UniformWeight, x: torch.Tensor, path: str, cfg):
     perm = None if qw.perm is None else qw.perm
+    tu = _tu()
     return lambda: tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, perm, qw.bits, qw.group_size, None, path, cfg)
 
 
@@ -136,7 +156,7 @@ def _compile_task(task) -> str:
     x = torch.randn(M, K, dtype=dtype, device="cuda")
     t = time.time()
     try:
-        tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, None, path, cfg)
+        _tu().uniform_linear(x, qweight, scales, zeros, None, bits, group, None, path, cfg)
         torch.cuda.synchronize()
     except Exception as e:  # the timing loop reports the failure for this config; other compiles go on
         return f"{path} b{bits} {cfg} FAILED {type(e).__name__}"
@@ -163,22 +183,22 @@ def precompile(tasks, workers: int = 14, fn=_compile_task) -> None:
 
 
 def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool):
-    uc, _ = tu.unit_geometry(bits)
+    uc, _ = cfgs.unit_geometry(bits)
     if path in ("slab", "slab16") and bits == 8:
-        return [c for c in SWEEP["slab"] if c.bk >= 512] if sweep else [tu.pick_config(path, bits, N, K, M)]
+        return [c for c in SWEEP["slab"] if c.bk >= 512] if sweep else [cfgs.pick_config(path, bits, N, K, M)]
     if not sweep:
-        return [tu.pick_config(path, bits, N, K, M)]
-    bm = tu.default_config(path, bits, N, K, M).bm
+        return [cfgs.pick_config(path, bits, N, K, M)]
+    bm = cfgs.default_config(path, bits, N, K, M).bm
     return [c.replace(bm=bm) for c in SWEEP[path] if c.bk >= uc]
 
 
 def paths_for(M: int, bits: int, sweep: bool, m1_paths=("gemv",)) -> list[str]:
     G = -(-4096 // GROUP)
     if M == 1 and len(m1_paths) > 1:
-        return [p for p in m1_paths if p == "gemv" or tu.cfgs.slab_ok(bits, GROUP, G)]
+        return [p for p in m1_paths if p == "gemv" or cfgs.slab_ok(bits, GROUP, G)]
     if not sweep:
-        return [tu.choose_path(M, bits, GROUP, G)]
-    small = "tc" if tu.tc_supported(bits, GROUP, G) else "dot"
+        return [cfgs.choose_path(M, bits, GROUP, G)]
+    small = "tc" if cfgs.tc_supported(bits, GROUP, G) else "dot"
     return {1: ["gemv", small], 4: ["gemv", small], 16: [small]}.get(M, ["dequant"])
 
 
@@ -280,20 +300,13 @@ def main() -> None:
     bits_list = [int(b) for b in args.bits.split(",")] if args.bits else BITS
     batches = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
 
-    tasks = [
-        (N, K, b, GROUP, M, p, c, torch.float16, False)
-        for (N, K) in shapes
-        for b in bits_list
-        for M in batches
-        for p in paths_for(M, b, args.sweep, m1_paths)
-        for c in cands(p, b, N, K, M)
-    ]
+    tasks = plan_tasks(shapes, bits_list, batches, args.sweep, m1_paths, sweep_paths)
     precompile(tasks, args.workers)
 
     dev = torch.cuda.get_device_name()
     copy_tbs = copy_bandwidth()
     lines = [
-        f"device: {dev}; torch {torch.__version__}; triton {tu.triton.__version__}",
+        f"device: {dev}; torch {torch.__version__}; triton {_tu().triton.__version__}",
         f"measured device-to-device copy bandwidth: {copy_tbs:.2f} TB/s (read + write); "
         f"nominal HBM peak {PEAK_TBS} TB/s",
         "timing: CUDA-graph replay, median of 15 replays, each rotating through copies of the layer "

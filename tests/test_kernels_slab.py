@@ -146,3 +146,33 @@ def test_decode_7b_tiny_smoke(tmp_path):
     text = out.read_text()
     assert "casp 2-bit g128" in text and "casp mix 2/4-bit g128" in text
     assert "same argmax True" in text and "rel 0.0e+00" in text  # CPU: QuantLinear runs the torch path
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("casp_bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernels_benchmark_plans_without_triton():
+    """benchmarks/kernels.py builds its task list (paths x configs) in pure Python, for every mode it runs in."""
+    kb = _bench_module()
+    shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    m1 = ("gemv", "slab", "slab16")
+    modes = [
+        ((2, 4), (1,), False, m1, {"slab", "slab16"}),  # old vs new at batch 1, the slab paths swept
+        ((2, 3, 4), (1, 4, 16, 2048), True, ("gemv",), set()),  # the full --sweep
+        ((2, 3, 4), (1, 4, 16, 2048), False, m1, set()),  # tuned/default configs
+    ]
+    for bits, batches, sweep, m1_paths, sweep_paths in modes:
+        tasks = kb.plan_tasks(shapes, bits, batches, sweep, m1_paths, sweep_paths)
+        assert tasks
+        for _n, K, b, _g, M, path, cfg, _dt, _act in tasks:
+            assert isinstance(cfg, cfgs.KernelConfig) and cfg.bk >= cfgs.unit_geometry(b)[0]
+            if M == 1 and len(m1_paths) > 1:
+                assert path in m1_paths and (path == "gemv" or cfgs.slab_ok(b, 128, K // 128))
+    swept = kb.plan_tasks(shapes, (2,), (1,), False, m1, {"slab16"})
+    assert sum(t[5] == "slab16" for t in swept) == len(shapes) * len(kb.SWEEP["slab16"])
