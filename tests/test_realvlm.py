@@ -382,3 +382,13 @@ def test_train_keeps_the_best_monitored_projector(tmp_path, monkeypatch, keep_be
     saved = load_realvlm(tmp_path / "out").projector.state_dict()
     at_step2 = all(torch.equal(saved[k], v) for k, v in snapshots[0].items())
     assert at_step2 == keep_best
+
+
+def test_scene_features_in_worker_processes_equal_in_process():
+    from casp.demo.train_realvlm import train_scene_features
+
+    model, processor = tiny_standin()
+    scenes0, cells0 = train_scene_features(model, processor, 5, seed=3, device="cpu", workers=0, chunk=2)
+    scenes2, cells2 = train_scene_features(model, processor, 5, seed=3, device="cpu", workers=2, chunk=3)
+    assert scenes0 == scenes2 and cells0.shape[0] == 5 and cells0.dtype == torch.float16
+    assert torch.equal(cells0, cells2)

@@ -20,6 +20,8 @@ and scored by exact match on the held-out test split through the processor (the 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -116,11 +118,30 @@ def vision_cells(model, processor, images: list[np.ndarray], device, batch: int 
     return torch.cat(out)
 
 
-def train_scenes(n: int, seed: int, cfg: world.WorldConfig | None = None):
-    """Scenes 0..n-1 of the train split (stream ``seed``) and their rendered images."""
-    cfg = cfg or world.WorldConfig()
+def _render_range(start: int, stop: int, seed: int) -> list[np.ndarray]:
+    cfg = world.WorldConfig()
+    return [world.render(world.sample_scene(world.example_rng("train", seed, i), cfg), cfg) for i in range(start, stop)]
+
+
+def train_scene_features(model, processor, n: int, seed: int, device, workers: int = 0, chunk: int = 2048):
+    """(scenes, trunk features [n, cells, C] fp16 on ``device``) of train scenes 0..n-1, rendered in chunks by
+    ``workers`` processes and featurized chunk by chunk, so images of at most one chunk are held at a time
+    (100k scenes of 224 px would be 15 GB of pixels; their features are 4.4 GB of fp16)."""
+    cfg = world.WorldConfig()
     scenes = [world.sample_scene(world.example_rng("train", seed, i), cfg) for i in range(n)]
-    return scenes, [world.render(s, cfg) for s in scenes]
+    bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    cells = []
+    pool = concurrent.futures.ProcessPoolExecutor(workers) if workers > 0 else None
+    with pool or contextlib.nullcontext():
+        for a, b in tqdm(bounds, desc="scenes", file=sys.stderr, mininterval=5.0):
+            if pool is None:
+                images = _render_range(a, b, seed)
+            else:
+                step = -(-(b - a) // workers)
+                parts = [pool.submit(_render_range, k, min(k + step, b), seed) for k in range(a, b, step)]
+                images = [im for part in parts for im in part.result()]
+            cells.append(vision_cells(model, processor, images, device, desc=f"features {a}-{b}"))
+    return scenes, torch.cat(cells)
 
 
 def answer_loss(model, input_ids: torch.Tensor, cells: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -202,6 +223,7 @@ class TrainConfig:
     final_eval_n: int = 600
     seed: int = 0
     keep_best: bool = True  # save the projector of the step with the best monitor EM, not the last one
+    workers: int = 0  # processes that render the training scenes (0: in this process)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.scenes < 1:
@@ -210,6 +232,8 @@ class TrainConfig:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if self.max_turns < 1 or self.warmup < 1 or self.eval_every < 1:
             raise ValueError("max_turns, warmup and eval_every must be >= 1")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 
 def monitor_step(model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best):
@@ -250,9 +274,7 @@ def train(
     model.train()  # the vision tower stays in eval (frozen BatchNorm statistics)
     model.language_model.eval()  # no dropout in the frozen LM
 
-    scenes, images = train_scenes(tc.scenes, tc.seed)
-    cells = vision_cells(model, processor, images, device)  # [S, N, C] fp16
-    del images
+    scenes, cells = train_scene_features(model, processor, tc.scenes, tc.seed, device, tc.workers)  # [S, N, C]
     monitor = heldout_examples("calibration", tc.eval_n)
     monitor_cells = vision_cells(model, processor, [ex.image for ex in monitor], device, desc="monitor")
     t_features = time.time() - t_start
@@ -360,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-text-tokens", type=int, default=TrainConfig.min_text_tokens)
     ap.add_argument("--max-minutes", type=float, default=0.0, help="time cap for the training loop (0 = none)")
     ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    ap.add_argument("--workers", type=int, default=0, help="processes that render the training scenes")
     ap.add_argument(
         "--keep-last", action="store_true", help="save the last projector, not the one with the best monitor EM"
     )
@@ -394,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             max_minutes=args.max_minutes,
             eval_every=args.eval_every,
             keep_best=not args.keep_last,
+            workers=args.workers,
             eval_n=args.eval_n,
             final_eval_n=args.final_eval_n,
             seed=args.seed,
