@@ -7,6 +7,7 @@ AKVQ-VL 2-bit KV cache, with calibration, packed checkpoints, kernels and evalua
     report = casp.compress("llava-dir", "llava-2bit", casp.CompressionConfig(method="casp", bits=2.25,
                            alloc="optimal"), calib="calib.jsonl")
     model = casp.load("llava-2bit")
+    casp.register_transformers()   # then transformers' from_pretrained("llava-2bit") loads it too
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _LAZY = {
     "load": ("casp.formats.load", "load"),
     "load_model": ("casp.models", "load_model"),
     "generate": ("casp.generate", "generate"),
+    "register_transformers": ("casp.formats.hf", "register"),
 }
 
 
