@@ -283,6 +283,8 @@ def test_cli_analyze_and_compress(standin_dir, tmp_path):
     )
     model, processor, adapter = load_model(packed)
     assert adapter.family == "realvlm"
+    # the generation settings travel with the checkpoint (they keep the model from emitting its <image> id)
+    assert model.generation_config.suppress_tokens == [model.config.image_token_id]
     original = load_model(standin_dir)[0]
     inputs = inputs_for(processor, adapter, n=1)
     with torch.no_grad():
@@ -392,3 +394,22 @@ def test_scene_features_in_worker_processes_equal_in_process():
     scenes2, cells2 = train_scene_features(model, processor, 5, seed=3, device="cpu", workers=2, chunk=3)
     assert scenes0 == scenes2 and cells0.shape[0] == 5 and cells0.dtype == torch.float16
     assert torch.equal(cells0, cells2)
+
+
+def test_generated_image_token_is_not_an_image_slot():
+    """A model that generates the <image> id (as a broken 2-bit model may) keeps generating: decode steps
+    never merge image features, only the prefill does."""
+    from casp.generate import generate
+
+    model, processor = tiny_standin()
+    image_id = model.config.image_token_id
+
+    def force_image_token(module, args, logits):
+        logits[..., image_id] += 1e4
+        return logits
+
+    model.language_model.lm_head.register_forward_hook(force_image_token)
+    model.generation_config.suppress_tokens = None  # as in a checkpoint saved without its generation config
+    adapter = get_adapter(model)
+    out = generate(model, processor, adapter, ["what color is the circle ?"] * 2, images(2), max_new_tokens=3)
+    assert len(out) == 2

@@ -104,6 +104,9 @@ def save_compressed(model: nn.Module, processor, adapter: ModelAdapter, out_dir:
                           {"metadata": {}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}})
     if processor is not None:
         processor.save_pretrained(out_dir)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:  # e.g. suppress_tokens that keep a VLM from emitting its <image> id
+        atomic_write_json(out_dir / "generation_config.json", generation.to_diff_dict())
     atomic_write_json(out_dir / "casp_report.json", report)
     if report.get("attention"):  # measured during CASP calibration: the report's density plot reads it
         atomic_write_json(out_dir / "analysis.json", {"model": report.get("model"), "layers": report["attention"]})

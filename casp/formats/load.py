@@ -26,7 +26,7 @@ def _shard_files(path: Path) -> list[Path]:
 def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     attn_implementation: str | None = None):
     """(model, processor, adapter) of a casp output directory, ready for ``generate``."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, GenerationConfig
 
     path = Path(path)
     raw = read_config(path)
@@ -71,6 +71,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, device
                 for k, t in tensors.items()}
     model.load_state_dict(floating, strict=False, assign=True)
     model.tie_weights()
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
     _check_no_meta(model, path)
     model.to(device).eval()
     return model, adapter.load_processor(path), adapter

@@ -268,9 +268,11 @@ class RealPartsVLM(RealVLMPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, *args, pixel_values=None, vision_cells=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        # Images only while the step's ids still hold image tokens (the prefill), on every version.
-        ids = model_inputs.get("input_ids")
-        if ids is not None and bool((ids == self.config.image_token_id).any()):
+        # Images only at the prefill (empty cache): a decode step whose generated token happens to be the
+        # <image> id (a badly quantized model does that) is text, not an image slot.
+        cache = model_inputs.get("past_key_values")
+        prefill = cache is None or cache.get_seq_length() == 0
+        if prefill:
             if pixel_values is not None:
                 model_inputs["pixel_values"] = pixel_values
             if vision_cells is not None:
