@@ -3,15 +3,9 @@ installed (the GPU run of benchmarks/kernels.py --aqlm checks it on the device).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 _INTERPRET = textwrap.dedent(
     """
@@ -42,12 +36,6 @@ _INTERPRET = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(
-    subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode != 0,
-    reason="triton not installed (the kernel runs on GPU)",
-)
+@needs_triton
 def test_aqlm_gemv_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.startswith("ok")
+    run_interpreted(_INTERPRET)

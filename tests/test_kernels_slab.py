@@ -3,7 +3,6 @@ CPU smoke run. The Triton kernels themselves run under Triton's CPU interpreter 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import torch
 from casp.kernels import slab_layout as sl
 from casp.kernels import uniform_config as cfgs
 from casp.quant.uniform import UniformWeight
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,15 +123,9 @@ _INTERPRET = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(
-    subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode != 0,
-    reason="triton not installed (the kernels run on GPU; CI checks layout and dispatch only)",
-)
+@needs_triton
 def test_slab_kernels_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.startswith("ok")
+    run_interpreted(_INTERPRET)
 
 
 def test_decode_7b_tiny_smoke(tmp_path):

@@ -1,0 +1,20 @@
+"""Run a Triton kernel check on the CPU with Triton's interpreter (TRITON_INTERPRET=1), in a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode == 0
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the kernels run on GPU)")
+
+
+def run_interpreted(code: str) -> None:
+    """Run ``code`` (which prints a line starting with 'ok' on success) under the Triton interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
