@@ -42,7 +42,7 @@ from casp.demo import world  # noqa: E402
 from casp.errors import CaspError  # noqa: E402
 
 QUANTIZERS = ("rtn", "gptq", "aqlm", "quip")
-TARGETS = ("2.0", "2.25", "3")
+TARGETS = ("2.0", "2.25", "3", "4")
 METHODS = ("plain", "casp")
 
 
@@ -65,18 +65,19 @@ def method_config(method: str, quantizer: str, target: str, samples: int) -> Com
     """The compression recipe nearest to ``target`` bits per weight (overheads counted by the driver).
 
     plain RTN/GPTQ: 2.0 -> 2-bit, one group of 576 (SmolLM2's hidden size; ~2.06 bits), 2.25 -> 2-bit g128
-    (~2.28 with the partial last group of 576), 3 -> 3-bit g576 (~3.06). plain AQLM / QuIP#: the nearest
-    whole code rate (2, 2, 3). CASP: the exact budget with optimal allocation over 2/3/4-bit candidates
+    (~2.28 with the partial last group of 576), 3 -> 3-bit g576 (~3.06), 4 -> 4-bit g128 (~4.27). plain AQLM /
+    QuIP#: the nearest whole code rate (2, 2, 3, 4). CASP: the exact budget (4.25 at "4") with optimal allocation
+    over 2/3/4-bit candidates
     (RTN/GPTQ with group 128, or 576 at 2.0 where group-128 scales alone would exceed the budget).
     """
     common = {"samples": samples, "max_length": 512}
-    bits = float(target)
+    bits = 4.25 if target == "4" else float(target)  # "4": the budget of plain 4-bit g128 (~4.27 with overheads)
     if method == "casp":
         if quantizer in ("rtn", "gptq"):  # at 2.0, g128's scales alone (0.25-0.28 bits) exceed the budget
             common["group_size"] = 576 if target == "2.0" else 128
         return CompressionConfig(method="casp", quantizer=quantizer, bits=bits, alloc="optimal", **common)
     if quantizer in ("rtn", "gptq"):
-        code, group = {"2.0": (2, 576), "2.25": (2, 128), "3": (3, 576)}[target]
+        code, group = {"2.0": (2, 576), "2.25": (2, 128), "3": (3, 576), "4": (4, 128)}[target]
         return CompressionConfig(quantizer=quantizer, bits=code, group_size=group, **common)
     return CompressionConfig(quantizer=quantizer, bits=round(bits), **common)
 
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     ap.add_argument("--quantizers", type=_csv(QUANTIZERS), default=list(QUANTIZERS))
-    ap.add_argument("--bits", type=_csv(TARGETS), default=list(TARGETS), help="targets: 2.0,2.25,3")
+    ap.add_argument("--bits", type=_csv(TARGETS), default=list(TARGETS), help="targets: 2.0,2.25,3,4")
     ap.add_argument("--methods", type=_csv(METHODS), default=list(METHODS))
     ap.add_argument("--n-vqa", type=int, default=300)
     ap.add_argument("--n-captions", type=int, default=100)
