@@ -84,6 +84,12 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/casp-scale", help="where the compressed checkpoint is written")
     p.add_argument("--out", default=None, help="write the result table here too")
     p.add_argument("--tiny", action="store_true", help="1/16 width: a CPU smoke test of this script, not a result")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run stopped in --work (the plan's sensitivity tables and finished blocks are kept): a "
+        "32-block run can span several device calls on one warm machine; wall time is then this call's only",
+    )
     args = p.parse_args(argv)
 
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
@@ -96,7 +102,9 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t1 = time.time()
-    result = compress_model(model, adapter, inputs, args.work, cfg, device=args.device, source="random llava-7b")
+    result = compress_model(
+        model, adapter, inputs, args.work, cfg, device=args.device, source="random llava-7b", resume=args.resume
+    )
     wall = time.time() - t1
     gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     cpu_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
@@ -111,7 +119,8 @@ def main(argv=None) -> int:
         f"{args.layers} of 32 decoder blocks; {args.samples} calibration prompts of {577 + args.text_tokens} tokens",
         f"method: CASP (whitened low-rank Q/K, ratio 0.25) + GPTQ, optimal allocation at {args.bits} bits",
         f"model build (random init, CPU): {build_s:.1f} s",
-        f"compression wall time ({args.layers} blocks, all passes: stats, sensitivity, compress, save): {wall:.1f} s",
+        f"compression wall time ({args.layers} blocks, all passes: stats, sensitivity, compress, save): {wall:.1f} s"
+        + (" (THIS CALL ONLY: resumed; add the earlier calls' times)" if args.resume else ""),
         f"compress-pass time per block (quantization only): mean {sum(per_block) / len(per_block):.1f} s",
         f"projected wall time for 32 blocks: {wall / args.layers * 32 / 60:.1f} min (linear in blocks; a projection, "
         "not a measurement)" if args.layers != 32 else f"wall time, 32 blocks: {wall / 60:.1f} min (measured)",

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from casp.alloc.importance import fisher_importance
 from casp.alloc.knapsack import allocate
 from casp.alloc.sensitivity import (
+    Candidate,
     apply_importance,
     budget_bits,
     candidate_table,
@@ -136,10 +137,13 @@ def stats_pass(model, adapter, block_inputs, cfg: CompressionConfig, device) -> 
 
 # ---- pass 2: sensitivities and the allocation -----------------------------------------------------
 def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: dict | None = None,
-                     importance: dict[str, float] | None = None, devices: list[torch.device] | None = None):
+                     importance: dict[str, float] | None = None, devices: list[torch.device] | None = None,
+                     cache: Path | None = None, resume: bool = False):
     """Candidate errors/costs of every linear. ``extra``: name -> (W, G) of linears outside the blocks;
     ``importance``: name -> end-to-end weight s_l of that layer's error (1 when missing); ``devices``: where
-    the candidate quantizations of a block's linears run (one linear per device at a time; default ``device``)."""
+    the candidate quantizations of a block's linears run (one linear per device at a time; default ``device``);
+    ``cache``: a folder where each block's table is written (``resume``: and read back, so that a run stopped
+    in this pass, the longest at 7B, redoes only the blocks it had not finished)."""
     candidates = candidate_configs(cfg)
     devices = devices or [torch.device(device)]
     names, per_layer, params = [], [], []
@@ -158,9 +162,19 @@ def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: di
         params.extend(W.numel() for _, W, _ in jobs)
 
     def on_block(ctx: BlockContext) -> None:
+        path = None if cache is None else cache / f"sensitivity_{ctx.index:04d}.json"
+        if resume and path is not None and path.is_file():
+            saved = load_sensitivity(path, cfg)
+            per_layer.extend(saved["per_layer"])
+            names.extend(saved["names"])
+            params.extend(saved["params"])
+            return
         grams = ctx.grams(adapter.linear_names)
+        first = len(names)
         measure_all([(f"{adapter.block_prefix(ctx.index)}.{name}", ctx.block.get_submodule(name).weight.detach(),
                       grams[name]) for name in adapter.linear_names])
+        if path is not None:
+            save_sensitivity(path, cfg, names[first:], params[first:], per_layer[first:])
 
     measure_all([(full, W, G) for full, (W, G) in (extra or {}).items()])
     run_layerwise(model, adapter, block_inputs, on_block, device=device, desc="sensitivity")
@@ -180,6 +194,25 @@ def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: di
 
 
 # ---- pass 3: compress ----------------------------------------------------------------------------
+def save_sensitivity(path: Path, cfg: CompressionConfig, names: list[str], params: list[int], per_layer) -> None:
+    """One block's candidate table (atomic), tagged with the settings it was measured under."""
+    atomic_write_json(path, {"config": cfg.to_dict(), "names": names, "params": params, "candidates": [
+        [{"config": c.config.to_dict(), "error": c.error, "storage_bits": c.storage_bits} for c in layer]
+        for layer in per_layer]})
+
+
+def load_sensitivity(path: Path, cfg: CompressionConfig) -> dict:
+    """The table written by :func:`save_sensitivity`; a ValueError if it was measured under other settings."""
+    from casp.quant import config_from_dict
+
+    saved = json.loads(path.read_text())
+    if saved["config"] != cfg.to_dict():
+        raise ValueError(f"--resume: {path} was measured with different settings; use the same options or a new --out")
+    per_layer = [[Candidate(config_from_dict(c["config"]), c["error"], c["storage_bits"]) for c in layer]
+                 for layer in saved["candidates"]]
+    return {"names": saved["names"], "params": saved["params"], "per_layer": per_layer}
+
+
 def compress_linear(W, bias, G, full: str, plan: Plan, cfg: CompressionConfig) -> tuple[nn.Module, dict]:
     """Compress one linear (dense or low-rank) with its planned setting; returns (module, record)."""
     qcfg = plan.config_for(full)
@@ -298,7 +331,7 @@ def compress_model(
                              "use the same options or a new --out")
         plan = Plan(**saved["plan"])
     else:
-        plan = make_plan(model, adapter, inputs, cfg, device, devices)
+        plan = make_plan(model, adapter, inputs, cfg, device, devices, cache=partial, resume=resume)
         atomic_write_json(plan_path, {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
 
     records: dict[str, dict] = {}
@@ -332,7 +365,8 @@ class CompressionResult:
     report: dict
 
 
-def make_plan(model, adapter, inputs, cfg: CompressionConfig, device, devices: list | None = None) -> Plan:
+def make_plan(model, adapter, inputs, cfg: CompressionConfig, device, devices: list | None = None,
+              cache: Path | None = None, resume: bool = False) -> Plan:
     block_inputs = capture_block_inputs(model, adapter, inputs, device)
     ranks, attention = stats_pass(model, adapter, block_inputs, cfg, device) if cfg.method == "casp" else ({}, [])
     extra = vision_grams(model, adapter, inputs, device) if cfg.vision == "quantize" and adapter.is_multimodal else {}
@@ -343,7 +377,7 @@ def make_plan(model, adapter, inputs, cfg: CompressionConfig, device, devices: l
                      for n in adapter.linear_names] + list(extra)
             importance = fisher_importance(model, inputs, names, adapter.image_token_id(model.config), device)
         configs, allocation = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra, importance,
-                                               devices)
+                                               devices, cache=cache, resume=resume)
     else:
         qcfg = base_quant_config(cfg).to_dict()
         names = [f"{adapter.block_prefix(i)}.{n}" for i in range(len(adapter.decoder_layers(model)))

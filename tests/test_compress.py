@@ -170,3 +170,38 @@ def test_fisher_importance_and_weighted_allocation(tmp_path):
     cfg = CompressionConfig(method="casp", quantizer="rtn", bits=2.25, alloc="optimal", importance="fisher", samples=2)
     result = compress(model_dir, tmp_path / "out", cfg, calib=write_calibration(tmp_path / "calib", n=2))
     assert result.report["avg_bits_per_original_param"] <= 2.25
+
+
+def test_resume_inside_the_sensitivity_pass(setup, tmp_path, monkeypatch):
+    """A run stopped during the sensitivity pass (the longest at 7B) resumes without re-measuring finished blocks."""
+    out = tmp_path / "out"
+    cfg = CompressionConfig(quantizer="gptq", bits=2.5, alloc="optimal", samples=3)
+    real = pipeline.layer_sensitivity
+    measured: list[tuple] = []
+    fail = {"after": 7}  # the llama fixture's blocks have 7 linears: fail on block 1's first
+
+    def counting(W, G, candidates, quantize_fn):
+        if fail["after"] is not None and len(measured) == fail["after"]:
+            raise RuntimeError("injected failure in block 1")
+        measured.append(tuple(W.shape))
+        return real(W, G, candidates, quantize_fn)
+
+    monkeypatch.setattr(pipeline, "layer_sensitivity", counting)
+    with pytest.raises(RuntimeError, match="injected"):
+        compress(setup["llama"], out, cfg, calib=setup["calib"])
+    assert (out / pipeline.PARTIAL / "sensitivity_0000.json").is_file()
+    assert not (out / pipeline.PARTIAL / "sensitivity_0001.json").exists()
+    first = list(measured)
+    measured.clear()
+    fail["after"] = None
+    resumed = compress(setup["llama"], out, cfg, calib=setup["calib"], resume=True)
+    blocks = len(resumed.adapter.decoder_layers(resumed.model))
+    assert len(first) == 7 and len(measured) == 7 * (blocks - 1)  # block 0 came from disk
+    fresh = compress(setup["llama"], tmp_path / "fresh", cfg, calib=setup["calib"])
+    assert resumed.report["allocation"] == fresh.report["allocation"]
+    other = CompressionConfig(quantizer="gptq", bits=3.0, alloc="optimal", samples=3)
+    (out / pipeline.PARTIAL).mkdir(exist_ok=True)
+    stale = {"config": cfg.to_dict(), "names": [], "params": [], "candidates": []}  # measured under cfg
+    (out / pipeline.PARTIAL / "sensitivity_0000.json").write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="different settings"):
+        compress(setup["llama"], out, other, calib=setup["calib"], resume=True)
