@@ -211,15 +211,20 @@ def time_graph(model: Decoder, n: int) -> tuple[float, torch.Tensor]:
         pos.zero_()
         g.replay()
         first = logits.float().clone()
-        g.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            g.replay()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / n
+        dt = seconds_per_replay(g, n)
     del g
     return dt, first
+
+
+def seconds_per_replay(g, n: int) -> float:
+    """Mean seconds of one replay of CUDA graph ``g`` over ``n`` replays, after one warm-up replay."""
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n
 
 
 def time_linears(model: Decoder, n: int) -> float:
@@ -245,13 +250,7 @@ def time_linears(model: Decoder, n: int) -> float:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             run()
-        g.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            g.replay()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / n
+        dt = seconds_per_replay(g, n)
     del g
     return dt
 
