@@ -107,6 +107,7 @@ def test_evaluate_end_to_end(tmp_path):
     assert set(back["tasks"]) == set(tasks) and back["method"]["method"] == "none"
     assert back["tasks"][tasks[3]]["ppl"] > 1 and back["tasks"][tasks[0]]["n"] == 1
     assert back["timing"]["total_s"] >= back["timing"]["load_s"] > 0
+    assert all(f"{spec}_s" in back["timing"] for spec in tasks)  # every task is timed, not only the last
     with pytest.raises(EvalError, match="not found"):
         evaluate(model_dir, [f"vqa:{tmp_path / 'absent.jsonl'}"])
     with pytest.raises(EvalError, match="no task"):

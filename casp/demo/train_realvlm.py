@@ -118,9 +118,9 @@ def vision_cells(model, processor, images: list[np.ndarray], device, batch: int 
     return torch.cat(out)
 
 
-def _render_range(start: int, stop: int, seed: int) -> list[np.ndarray]:
+def _render(scenes: list[world.Scene]) -> list[np.ndarray]:
     cfg = world.WorldConfig()
-    return [world.render(world.sample_scene(world.example_rng("train", seed, i), cfg), cfg) for i in range(start, stop)]
+    return [world.render(scene, cfg) for scene in scenes]
 
 
 def train_scene_features(model, processor, n: int, seed: int, device, workers: int = 0, chunk: int = 2048):
@@ -135,10 +135,10 @@ def train_scene_features(model, processor, n: int, seed: int, device, workers: i
     with pool or contextlib.nullcontext():
         for a, b in tqdm(bounds, desc="scenes", file=sys.stderr, mininterval=5.0):
             if pool is None:
-                images = _render_range(a, b, seed)
+                images = _render(scenes[a:b])
             else:
                 step = -(-(b - a) // workers)
-                parts = [pool.submit(_render_range, k, min(k + step, b), seed) for k in range(a, b, step)]
+                parts = [pool.submit(_render, scenes[k : min(k + step, b)]) for k in range(a, b, step)]
                 images = [im for part in parts for im in part.result()]
             cells.append(vision_cells(model, processor, images, device, desc=f"features {a}-{b}"))
     return scenes, torch.cat(cells)

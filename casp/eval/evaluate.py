@@ -99,7 +99,7 @@ def evaluate(
     with keep_dense:
         for spec in tasks:
             results[spec] = run_task(spec, model, processor, adapter, **task_options)
-        timing[f"{spec}_s"] = results[spec]["seconds"]
+            timing[f"{spec}_s"] = results[spec]["seconds"]
     timing["total_s"] = time.perf_counter() - t0
     res = make_results(model_path, results, timing, device=device, dtype=str(dtype).removeprefix("torch."))
     if out is not None:
