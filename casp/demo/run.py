@@ -36,9 +36,10 @@ def demo_methods(quick: bool, samples: int) -> list[DemoMethod]:
     """fp16 is the reference; all others land at ~2.25 bits per original parameter, overheads counted.
 
     CASP keeps 50% of the Q/K parameters here, not the paper's 25%: the demo's layers are 256 wide (the
-    paper's 4096) and its attention is less sparse (density 0.34-0.75, benchmarks/results/sparsity_bound_demo.json).
-    Measured with the low-rank step alone (every linear at 8 bits): 25% drops held-out VQA exact match from
-    0.875 to 0.708, 50% keeps 0.896 (48 questions). The full demo also runs the paper's 25% for comparison.
+    paper's 4096) and its attention is less sparse (density 0.32-0.79, benchmarks/results/sparsity_bound_demo.json).
+    Measured with the low-rank step alone (every linear at 8 bits, previous checkpoint): 25% dropped held-out VQA
+    exact match from 0.875 to 0.708, 50% kept 0.896 (48 questions); on the current one the full demo's 25% row
+    drops 0.970 -> 0.847 (benchmarks/results/casp_vs_plain_demo.md). The full demo runs both.
 
     Codebook quantizers: QuIP#'s E8P codebook is fixed, so plain QuIP# lands at ~2 bits. AQLM is left out: its
     learned codebooks (2 x 256 codewords of 8 fp16 values per layer) alone cost 1-2 bits per weight on the demo's
