@@ -50,7 +50,7 @@ from casp.lowrank.ranks import adaptive_ranks, fixed_rank
 from casp.lowrank.whiten import whitened_lowrank, whitened_spectrum
 from casp.models import load_model
 from casp.models.base import ModelAdapter
-from casp.quant import make_config, quantize
+from casp.quant import make_config, quantize, quantize_candidates
 from casp.quant.base import QuantConfig, output_error
 from casp.quant.linear import QuantLinear
 
@@ -153,8 +153,8 @@ def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: di
         W, G = W.to(dev).float(), G.to(dev)
         if full in ranks:
             A, B, _ = _lowrank_factors(W, G, ranks[full], cfg)
-            return factor_sensitivity(A, B, G, candidates, quantize)
-        return layer_sensitivity(W, G, candidates, quantize)
+            return factor_sensitivity(A, B, G, candidates, quantize, quantize_candidates)
+        return layer_sensitivity(W, G, candidates, quantize, quantize_candidates)
 
     def measure_all(jobs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
         per_layer.extend(map_on_devices(measure, jobs, devices))

@@ -180,11 +180,11 @@ def test_resume_inside_the_sensitivity_pass(setup, tmp_path, monkeypatch):
     measured: list[tuple] = []
     fail = {"after": 7}  # the llama fixture's blocks have 7 linears: fail on block 1's first
 
-    def counting(W, G, candidates, quantize_fn):
+    def counting(W, G, candidates, quantize_fn, quantize_many=None):
         if fail["after"] is not None and len(measured) == fail["after"]:
             raise RuntimeError("injected failure in block 1")
         measured.append(tuple(W.shape))
-        return real(W, G, candidates, quantize_fn)
+        return real(W, G, candidates, quantize_fn, quantize_many)
 
     monkeypatch.setattr(pipeline, "layer_sensitivity", counting)
     with pytest.raises(RuntimeError, match="injected"):

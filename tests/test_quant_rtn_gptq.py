@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from casp.quant import config_from_dict, make_config, quantize, weight_from_state
 from casp.quant.base import QuantizationError
-from casp.quant.gptq import GPTQConfig, quantize_gptq
+from casp.quant.gptq import GPTQConfig, quantize_gptq, quantize_gptq_candidates
 from casp.quant.rtn import RTNConfig, quantize_rtn
 from casp.quant.uniform import UniformWeight
 
@@ -154,6 +154,32 @@ def test_gptq_matches_exact_obs_reference(act_order, block_size):
 
     qw32 = quantize_gptq(W, G, cfg)  # fp32 compute
     torch.testing.assert_close(qw32.dequantize(torch.float64), Q_ref, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("clip_search", [False, True])
+@pytest.mark.parametrize("group_size,block_size", [(8, 5), (16, 16), (-1, 7)])
+def test_gptq_candidates_equal_one_run_per_width(clip_search, group_size, block_size):
+    """The stacked multi-width pass gives, for every width, exactly the codes/scales/zeros of its own run."""
+    W = weight(12, 48, 4).double()
+    _, G = correlated(300, 48, 4)
+    base = GPTQConfig(group_size=group_size, block_size=block_size, clip_search=clip_search, clip_steps=5)
+    cfgs = base.candidates((2, 3, 4, 8))
+    many = quantize_gptq_candidates(W, G.double(), cfgs)
+    for c, qw in zip(cfgs, many):
+        one = quantize_gptq(W, G.double(), c)
+        assert qw.bits == c.bits
+        assert torch.equal(qw.codes(), one.codes())
+        torch.testing.assert_close(qw.dequantize(torch.float64), one.dequantize(torch.float64), atol=0, rtol=0)
+    errs = [torch.linalg.norm(W - q.dequantize(torch.float64)) for q in many]
+    assert errs == sorted(errs, reverse=True)  # more bits, less error
+
+
+def test_gptq_candidates_reject_configs_that_differ_beyond_bits():
+    W, (_, G) = weight(4, 16, 0), correlated(50, 16, 0)
+    with pytest.raises(QuantizationError, match="differ only in bits"):
+        quantize_gptq_candidates(W, G, [GPTQConfig(bits=2), GPTQConfig(bits=3, group_size=8)])
+    with pytest.raises(QuantizationError, match="at least one"):
+        quantize_gptq_candidates(W, G, [])
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,12 @@ QUANTIZERS: dict[str, tuple[str, str, str]] = {
     "gptq": ("casp.quant.gptq", "GPTQConfig", "quantize_gptq"),
     "aqlm": ("casp.quant.aqlm", "AQLMConfig", "quantize_aqlm"),
     "quip": ("casp.quant.quip", "QuIPConfig", "quantize_quip"),
+}
+
+# method -> (module, function quantizing W at several configs of that method in one pass), for methods
+# where that is cheaper than one call per config (GPTQ: one column loop for every bit width)
+CANDIDATE_QUANTIZERS: dict[str, tuple[str, str]] = {
+    "gptq": ("casp.quant.gptq", "quantize_gptq_candidates"),
 }
 
 # format name (QuantizedWeight.format, stored in meta["format"]) -> (module, class)
@@ -41,6 +48,7 @@ __all__ = [
     "QuantizationError",
     "QuantizedWeight",
     "check_weight",
+    "quantize_candidates",
     "config_class",
     "config_from_dict",
     "format_class",
@@ -108,6 +116,20 @@ def quantize(W: torch.Tensor, G: torch.Tensor | None, cfg: QuantConfig) -> Quant
     if not isinstance(cfg, cls):
         raise QuantizationError(f"config for method {cfg.method!r} must be a {cls.__name__}, got {type(cfg).__name__}")
     return quantizer(cfg.method)(W, G, cfg)
+
+
+def quantize_candidates(
+    W: torch.Tensor, G: torch.Tensor | None, cfgs: Sequence[QuantConfig]
+) -> list[QuantizedWeight]:
+    """``[quantize(W, G, c) for c in cfgs]``, in one pass where the method has one (CANDIDATE_QUANTIZERS) and
+    the configs differ only in bits (what the bit allocator asks for)."""
+    methods = {c.method for c in cfgs}
+    if len(methods) == 1 and (method := methods.pop()) in CANDIDATE_QUANTIZERS:
+        same_but_bits = all(c.replace(bits=cfgs[0].bits) == cfgs[0] for c in cfgs)
+        if same_but_bits and all(isinstance(c, config_class(method)) for c in cfgs):
+            module, fn = CANDIDATE_QUANTIZERS[method]
+            return _load(module, fn, f"method {method!r}")(W, G, list(cfgs))
+    return [quantize(W, G, c) for c in cfgs]
 
 
 def weight_from_state(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> QuantizedWeight:

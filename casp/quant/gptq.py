@@ -15,6 +15,7 @@ block (Err @ Hinv[block, rest]), which turns rank-1 updates into one matmul.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -97,11 +98,46 @@ def quantize_gptq(W: torch.Tensor, G: torch.Tensor, cfg: GPTQConfig | None = Non
     cfg = cfg or GPTQConfig()
     if not isinstance(cfg, GPTQConfig):
         raise QuantizationError(f"quantize_gptq needs a GPTQConfig, got {type(cfg).__name__}")
+    return quantize_gptq_candidates(W, G, [cfg])[0]
+
+
+def quantize_gptq_candidates(W: torch.Tensor, G: torch.Tensor, cfgs: Sequence[GPTQConfig]) -> list[UniformWeight]:
+    """GPTQ of W at several bit widths in one pass: equal to ``[quantize_gptq(W, G, c) for c in cfgs]``.
+
+    GPTQ's error feedback never mixes output rows, and H^-1 depends only on G, so the copies of W (one per
+    config) are stacked as rows of one [len(cfgs) * N, K] problem with a bit width per row: the sensitivity
+    pass of the bit allocator gets all its candidates for the cost of one column loop. The configs may
+    differ only in ``bits``.
+    """
+    if len(cfgs) == 0:
+        raise QuantizationError("quantize_gptq_candidates needs at least one GPTQConfig")
+    for c in cfgs:
+        if not isinstance(c, GPTQConfig):
+            raise QuantizationError(f"quantize_gptq needs a GPTQConfig, got {type(c).__name__}")
+        if c.replace(bits=cfgs[0].bits) != cfgs[0]:
+            raise QuantizationError(f"GPTQ candidates may differ only in bits; got {cfgs[0]} and {c}")
     if G is None:
         raise QuantizationError("GPTQ needs the Gram matrix G = X^T X of the layer inputs; use 'rtn' without data")
     check_weight(W, G)
+    N = W.shape[0]
+    widths = [c.bits for c in cfgs]
+    # one width: a plain int (cheapest per column); several: an integer tensor, one width per stacked row
+    bits = widths[0] if len(set(widths)) == 1 else torch.tensor(widths, device=W.device).repeat_interleave(N)
+    codes, scales, zeros, perm, damp_used = _gptq(W.repeat(len(cfgs), 1), G, bits, cfgs[0])
+    gs = resolve_group_size(cfgs[0].group_size, W.shape[1])
+    return [
+        UniformWeight.from_codes(codes[i * N : (i + 1) * N], scales[i * N : (i + 1) * N],
+                                 zeros[i * N : (i + 1) * N], c.bits, gs, perm, info={"damp_used": damp_used})
+        for i, c in enumerate(cfgs)
+    ]
+
+
+def _gptq(W: torch.Tensor, G: torch.Tensor, bits: int | torch.Tensor, cfg: GPTQConfig):
+    """The column loop on W [N, K] at ``bits`` (an int, or a width per row [N]).
+
+    Returns (codes, scales, zeros, perm, damp used)."""
     N, K = W.shape
-    gs, B, bits = resolve_group_size(cfg.group_size, K), cfg.block_size, cfg.bits
+    gs, B = resolve_group_size(cfg.group_size, K), cfg.block_size
     W = W.to(compute_dtype(W)).clone()  # [N, K], updated in place as errors are fed back
     H = G.to(device=W.device, dtype=W.dtype).clone()  # [K, K]
 
@@ -126,6 +162,7 @@ def quantize_gptq(W: torch.Tensor, G: torch.Tensor, cfg: GPTQConfig | None = Non
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = W[:, i1:i2].clone()  # [N, b] current block
+        Q1 = torch.empty_like(W1)  # [N, b] its codes, stored once per block
         Err1 = torch.zeros_like(W1)  # [N, b] (W_j - Q_j) / [H^-1]_jj
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -139,10 +176,11 @@ def quantize_gptq(W: torch.Tensor, G: torch.Tensor, cfg: GPTQConfig | None = Non
                 scales[:, j // gs], zeros[:, j // gs] = s, z
             w = W1[:, i]
             q = quantize_to_codes(w, s, z, bits)
-            codes[:, j] = q.to(torch.uint8)
+            Q1[:, i] = q
             err = (w - dequantize_codes(q, s, z)) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # OBS update inside the block
             Err1[:, i] = err
+        codes[:, i1:i2] = Q1.to(torch.uint8)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of all later columns
 
-    return UniformWeight.from_codes(codes, scales, zeros, bits, gs, perm, info={"damp_used": damp_used})
+    return codes, scales, zeros, perm, damp_used

@@ -85,23 +85,37 @@ def clip_ratios(cfg: RTNConfig) -> list[float]:
     return torch.linspace(1.0, cfg.clip_min_ratio, cfg.clip_steps).tolist()
 
 
-def fit_minmax(w: torch.Tensor, bits: int, shrink: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def max_code(bits: int | torch.Tensor) -> int | torch.Tensor:
+    """maxq = 2^bits - 1; ``bits`` an int, or an integer tensor (one width per group, e.g. per output row)."""
+    return (1 << bits) - 1 if isinstance(bits, int) else torch.pow(2, bits) - 1
+
+
+def _clamp_codes(q: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+    maxq = max_code(bits)
+    return q.clamp(0, maxq) if isinstance(maxq, int) else torch.minimum(q.clamp_min(0), maxq.to(q.dtype))
+
+
+def fit_minmax(
+    w: torch.Tensor, bits: int | torch.Tensor, shrink: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric min-max scale and zero of the groups w [..., g] -> (s [...], z [...]).
 
     Range [shrink * min(w, 0), shrink * max(w, 0)]; s is rounded to fp16 (what is stored) and z is an
-    integer in [0, 2^bits - 1].
+    integer in [0, 2^bits - 1]. ``bits``: an int, or an integer tensor of shape [...] (a width per group).
     """
-    maxq = (1 << bits) - 1
+    maxq = max_code(bits)
     xmin = w.amin(-1).clamp(max=0) * shrink
     xmax = w.amax(-1).clamp(min=0) * shrink
     scale = ((xmax - xmin) / maxq).to(torch.float16).to(w.dtype).clamp_min(_FP16_TINY)
-    zero = torch.round(-xmin / scale).clamp(0, maxq)
-    return scale, zero
+    return scale, _clamp_codes(torch.round(-xmin / scale), bits)
 
 
-def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """q = clamp(round(w / s) + z, 0, 2^bits - 1), as integer-valued floats (s, z broadcast against w)."""
-    return (torch.round(w / scale) + zero).clamp(0, (1 << bits) - 1)
+def quantize_to_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int | torch.Tensor
+) -> torch.Tensor:
+    """q = clamp(round(w / s) + z, 0, 2^bits - 1), as integer-valued floats (s, z and a tensor ``bits``
+    broadcast against w)."""
+    return _clamp_codes(torch.round(w / scale) + zero, bits)
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -110,16 +124,19 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 
 
 def search_clip(
-    w: torch.Tensor, bits: int, ratios: list[float], weight: torch.Tensor | None = None
+    w: torch.Tensor, bits: int | torch.Tensor, ratios: list[float], weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group clipping search: the (s, z) of the ratio minimizing sum_j d_j (w_j - w_hat_j)^2.
 
-    w [..., g] groups, ``weight`` d broadcastable to w (None: d = 1). Returns (s [...], z [...]).
+    w [..., g] groups, ``weight`` d broadcastable to w (None: d = 1), ``bits`` an int or a tensor [...].
+    Returns (s [...], z [...]).
     """
+    bits_w = bits[..., None] if isinstance(bits, torch.Tensor) else bits  # broadcast against w
     best_err = best_s = best_z = None
     for p in ratios:
         s, z = fit_minmax(w, bits, p)
-        dw = dequantize_codes(quantize_to_codes(w, s[..., None], z[..., None], bits), s[..., None], z[..., None]) - w
+        q = quantize_to_codes(w, s[..., None], z[..., None], bits_w)
+        dw = dequantize_codes(q, s[..., None], z[..., None]) - w
         err = (dw.square() * weight).sum(-1) if weight is not None else dw.square().sum(-1)
         if best_err is None:
             best_err, best_s, best_z = err, s, z
