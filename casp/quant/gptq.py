@@ -132,8 +132,9 @@ def quantize_gptq_candidates(W: torch.Tensor, G: torch.Tensor, cfgs: Sequence[GP
     ]
 
 
-def _gptq(W: torch.Tensor, G: torch.Tensor, bits: int | torch.Tensor, cfg: GPTQConfig):
-    """The column loop on W [N, K] at ``bits`` (an int, or a width per row [N]).
+def _gptq(W: torch.Tensor, G: torch.Tensor, bits: int | torch.Tensor, cfg: GPTQConfig, use_graph: bool = True):
+    """The column loop on W [N, K] at ``bits`` (an int, or a width per row [N]); ``use_graph``: allow the
+    CUDA-graph replay of blocks (same results; off only to compare).
 
     Returns (codes, scales, zeros, perm, damp used)."""
     N, K = W.shape
@@ -153,34 +154,94 @@ def _gptq(W: torch.Tensor, G: torch.Tensor, bits: int | torch.Tensor, cfg: GPTQC
     Hinv, damp_used = inverse_cholesky(H, cfg.damp)  # [K, K] upper
     del H
 
-    def fit(w: torch.Tensor, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return search_clip(w, bits, clip_ratios(cfg), d[cols]) if cfg.clip_search else fit_minmax(w, bits)
+    def fit(w: torch.Tensor, d_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return search_clip(w, bits, clip_ratios(cfg), d_cols) if cfg.clip_search else fit_minmax(w, bits)
 
     n_groups = -(-K // gs)
     scales, zeros = W.new_zeros(N, n_groups), W.new_zeros(N, n_groups)
     codes = torch.empty(N, K, dtype=torch.uint8, device=W.device)
+    # On a GPU the loop is bound by kernel launches (~15 small ones per column): when every block holds whole
+    # groups, all blocks run the same kernels, so one block is captured in a CUDA graph and replayed.
+    graphed = use_graph and W.is_cuda and B % gs == 0 and K % B == 0 and K // B > 1
+    block_graph = _BlockGraph(N, B, gs, bits, fit, W.dtype, W.device) if graphed else None
+    s = z = None  # the grid of the current group
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
-        W1 = W[:, i1:i2].clone()  # [N, b] current block
-        Q1 = torch.empty_like(W1)  # [N, b] its codes, stored once per block
-        Err1 = torch.zeros_like(W1)  # [N, b] (W_j - Q_j) / [H^-1]_jj
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if j % gs == 0:  # a new group starts: fit its grid on the current, error-updated weights
-                g_end = min(j + gs, K)
+        if block_graph is not None:
+            Q1, Err1, S, Z = block_graph(W[:, i1:i2], Hinv[i1:i2, i1:i2], d[i1:i2])
+        else:
+            W1 = W[:, i1:i2].clone()  # [N, b] current block
+
+            def group_weights(i: int, W1: torch.Tensor, Err1: torch.Tensor, i1=i1, i2=i2):
+                j, g_end = i1 + i, min(i1 + i + gs, K)
                 cur = W1[:, i : g_end - i1]
                 if g_end > i2:  # the group runs past this block: apply the block's pending updates there
                     cur = torch.cat([cur, W[:, i2:g_end] - Err1[:, :i] @ Hinv[i1:j, i2:g_end]], 1)
-                s, z = fit(cur, slice(j, g_end))
-                scales[:, j // gs], zeros[:, j // gs] = s, z
-            w = W1[:, i]
-            q = quantize_to_codes(w, s, z, bits)
-            Q1[:, i] = q
-            err = (w - dequantize_codes(q, s, z)) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # OBS update inside the block
-            Err1[:, i] = err
+                return fit(cur, d[j:g_end])
+
+            starts = [i for i in range(i2 - i1) if (i1 + i) % gs == 0]
+            Q1, Err1, S, Z = _quantize_block(W1, Hinv[i1:i2, i1:i2], bits, starts, group_weights, s, z)
+        for k, (s, z) in enumerate(zip(S, Z)):
+            g = -(-i1 // gs) + k
+            scales[:, g], zeros[:, g] = s, z
         codes[:, i1:i2] = Q1.to(torch.uint8)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of all later columns
 
     return codes, scales, zeros, perm, damp_used
+
+
+def _quantize_block(W1, Hinv1, bits, starts, fit_group, s=None, z=None):
+    """GPTQ's inner loop over the b columns of one block, in place on W1 [N, b].
+
+    ``starts``: columns where a group starts; there ``fit_group(i, W1, Err1)`` fits its grid on the current,
+    error-updated weights. (s, z): the grid of a group begun in an earlier block. Returns the codes Q1 [N, b],
+    Err1 [N, b] = (W_j - Q_j) / [H^-1]_jj for the lazy update of later columns, and the grids fitted here.
+    """
+    Q1, Err1 = torch.empty_like(W1), torch.zeros_like(W1)
+    S, Z = [], []
+    for i in range(W1.shape[1]):
+        if i in starts:
+            s, z = fit_group(i, W1, Err1)
+            S.append(s)
+            Z.append(z)
+        w = W1[:, i]
+        q = quantize_to_codes(w, s, z, bits)
+        Q1[:, i] = q
+        err = (w - dequantize_codes(q, s, z)) / Hinv1[i, i]
+        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # OBS update inside the block
+        Err1[:, i] = err
+    return Q1, Err1, S, Z
+
+
+class _BlockGraph:
+    """:func:`_quantize_block` on a [N, B] block of whole groups, captured once as a CUDA graph.
+
+    Calling it copies a block, its H^-1 block and clip weights into the captured buffers and replays; the
+    returned tensors are the graph's own buffers, valid until the next call.
+    """
+
+    def __init__(self, N: int, B: int, gs: int, bits, fit, dtype: torch.dtype, device: torch.device):
+        self.W1 = torch.zeros(N, B, dtype=dtype, device=device)
+        self.Hinv1 = torch.eye(B, dtype=dtype, device=device)
+        self.d1 = torch.ones(B, dtype=dtype, device=device)
+        starts = list(range(0, B, gs))
+
+        def run():
+            return _quantize_block(self.W1, self.Hinv1, bits, starts,
+                                   lambda i, W1, Err1: fit(W1[:, i : i + gs], self.d1[i : i + gs]))
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy kernel loading)
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = run()
+
+    def __call__(self, W1: torch.Tensor, Hinv1: torch.Tensor, d1: torch.Tensor):
+        self.W1.copy_(W1)
+        self.Hinv1.copy_(Hinv1)
+        self.d1.copy_(d1)
+        self.graph.replay()
+        return self.out
