@@ -121,6 +121,8 @@ def main(argv=None) -> int:
         f"model build (random init, CPU): {build_s:.1f} s",
         f"compression wall time ({args.layers} blocks, all passes: stats, sensitivity, compress, save): {wall:.1f} s"
         + (" (THIS CALL ONLY: resumed; add the earlier calls' times)" if args.resume else ""),
+        "wall time per pass (s): " + ", ".join(f"{k} {v:.1f}" for k, v in rep.get("pass_seconds", {}).items())
+        + (" (planning passes may come from an earlier call)" if args.resume else ""),
         f"compress-pass time per block (quantization only): mean {sum(per_block) / len(per_block):.1f} s",
         f"projected wall time for 32 blocks: {wall / args.layers * 32 / 60:.1f} min (linear in blocks; a projection, "
         "not a measurement)" if args.layers != 32 else f"wall time, 32 blocks: {wall / 60:.1f} min (measured)",

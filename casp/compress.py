@@ -81,6 +81,7 @@ class Plan:
     configs: dict[str, dict]
     attention: list[dict]
     allocation: dict[str, Any]
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # wall time of each planning pass
 
     def config_for(self, name: str) -> QuantConfig:
         from casp.quant import config_from_dict
@@ -334,6 +335,7 @@ def compress_model(
         plan = make_plan(model, adapter, inputs, cfg, device, devices, cache=partial, resume=resume)
         atomic_write_json(plan_path, {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
 
+    t_compress = time.time()
     records: dict[str, dict] = {}
     if cfg.vision == "quantize" and adapter.is_multimodal:
         records.update(compress_vision(model, adapter, inputs, plan, cfg, device))
@@ -353,6 +355,7 @@ def compress_model(
     run_layerwise(model, adapter, block_inputs, on_block, device=device, start=start, replay=replay,
                   desc="compress")
     report = build_report(source, cfg, plan, records, time.time() - t0, resumed_from=start)
+    report["pass_seconds"] = {**plan.seconds, "compress": round(time.time() - t_compress, 2)}
     save_compressed(model, processor, adapter, out_dir, cfg, report)
     return CompressionResult(model.eval(), processor, adapter, report)
 
@@ -367,23 +370,33 @@ class CompressionResult:
 
 def make_plan(model, adapter, inputs, cfg: CompressionConfig, device, devices: list | None = None,
               cache: Path | None = None, resume: bool = False) -> Plan:
+    seconds: dict[str, float] = {}
+    clock = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name] = round(time.time() - clock, 2)
+        clock = time.time()
+
     block_inputs = capture_block_inputs(model, adapter, inputs, device)
+    lap("capture")
     ranks, attention = stats_pass(model, adapter, block_inputs, cfg, device) if cfg.method == "casp" else ({}, [])
     extra = vision_grams(model, adapter, inputs, device) if cfg.vision == "quantize" and adapter.is_multimodal else {}
+    lap("stats")
+    names = [f"{adapter.block_prefix(i)}.{n}" for i in range(len(adapter.decoder_layers(model)))
+             for n in adapter.linear_names] + list(extra)
     if cfg.alloc == "optimal":
         importance = None
         if cfg.importance == "fisher":
-            names = [f"{adapter.block_prefix(i)}.{n}" for i in range(len(adapter.decoder_layers(model)))
-                     for n in adapter.linear_names] + list(extra)
             importance = fisher_importance(model, inputs, names, adapter.image_token_id(model.config), device)
+            lap("fisher")
         configs, allocation = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra, importance,
                                                devices, cache=cache, resume=resume)
+        lap("sensitivity")
     else:
         qcfg = base_quant_config(cfg).to_dict()
-        names = [f"{adapter.block_prefix(i)}.{n}" for i in range(len(adapter.decoder_layers(model)))
-                 for n in adapter.linear_names] + list(extra)
         configs, allocation = {n: qcfg for n in names}, {"uniform": qcfg}
-    return Plan(ranks=ranks, configs=configs, attention=attention, allocation=allocation)
+    return Plan(ranks=ranks, configs=configs, attention=attention, allocation=allocation, seconds=seconds)
 
 
 def compress_vision(model, adapter, inputs, plan: Plan, cfg, device) -> dict[str, dict]:
