@@ -23,7 +23,10 @@ cache, and are removed when the cache is garbage-collected or :meth:`AKVQCache.c
 inputs without ``input_ids`` call :meth:`AKVQCache.prepare` with an ``image_mask`` before prefill.
 
 ``update`` returns dequantized full keys/values (the torch path: attention over the quantized cache
-dequantizes on the fly); the tokens passed to the current call are returned exactly.
+dequantizes on the fly); the tokens passed to the current call are returned exactly. With the model's
+attention set to "casp_kv" (casp.kv.attention.enable_fused_kv_attention), decode steps instead return
+the new states tagged with the layer, and the attention reads the packed store directly (a Triton
+kernel on CUDA, its torch reference elsewhere): nothing is dequantized into memory.
 """
 
 from __future__ import annotations
@@ -165,10 +168,15 @@ class WindowedQuantLayer(CacheLayerMixin):
     dequant_slice = 1 << 26  # dequantize about this many elements at once into the output K/V
 
     def __init__(self, residual: int, block: int):
+        # The window buffers first: keys/values are views into them, so a walk over the attributes
+        # meets each buffer whole before its view.
+        self._kbuf = self._vbuf = None
         super().__init__()
         self.residual, self.block = residual, block
         self.length = 0  # tokens seen
         self.stored = 0  # tokens moved into the quantized store (always the oldest ones)
+        # Set by the cache per forward: decode steps return tagged new states (fused attention reads the store).
+        self.fused_decode = False
 
     # -- subclass hooks ----------------------------------------------------------------------------
     def _store(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
@@ -190,39 +198,106 @@ class WindowedQuantLayer(CacheLayerMixin):
     # -- transformers CacheLayerMixin API ----------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self._kbuf = self._vbuf = None  # window buffers [B, H, residual + block, d]; keys/values are views
         self.keys = key_states[:, :, :0].clone()
         self.values = value_states[:, :, :0].clone()
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append [B, H, T, d] states; return all keys/values (old ones dequantized, new ones exact)."""
+        """Append [B, H, T, d] states; return all keys/values (old ones dequantized, new ones exact).
+
+        On a fused decode step (``fused_decode`` set by the cache and T == 1) nothing is dequantized: the
+        new token's states come back tagged with this layer (casp.kv.attention.LAZY_LAYER_ATTR) and the
+        attention function reads the packed store itself.
+
+        Window bookkeeping: the fp16 window lives in a buffer of ``residual + block`` slots (after a
+        prefill: just the prompt's tail, grown once on decoding), so appending a token copies nothing
+        else. When the window reaches ``residual + block`` tokens its oldest whole blocks are quantized:
+        right after the output is built on the torch path, and at the start of the next update on a
+        fused decode step, so both paths attend over exactly the same tokens at every step.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # One output buffer per call, as DynamicLayer's cat makes; the packed store is decoded into it.
+        self._flush()
         b, h, t, d = key_states.shape
-        s, w = self.stored, self.keys.shape[-2]
-        out_k = key_states.new_empty(b, h, s + w + t, d)
-        out_v = value_states.new_empty(b, h, s + w + t, value_states.shape[-1])
-        if s:
-            self._load_into(out_k[:, :, :s], out_v[:, :, :s])
-        out_k[:, :, s : s + w], out_v[:, :, s : s + w] = self.keys, self.values
-        out_k[:, :, s + w :], out_v[:, :, s + w :] = key_states, value_states
-        self.length += key_states.shape[-2]
+        lazy = self.fused_decode and t == 1
+        if not lazy:
+            # One output buffer per call, as DynamicLayer's cat makes; the packed store is decoded into it.
+            s, w = self.stored, self.keys.shape[-2]
+            out_k = key_states.new_empty(b, h, s + w + t, d)
+            out_v = value_states.new_empty(b, h, s + w + t, value_states.shape[-1])
+            if s:
+                self._load_into(out_k[:, :, :s], out_v[:, :, :s])
+            out_k[:, :, s : s + w], out_v[:, :, s : s + w] = self.keys, self.values
+            out_k[:, :, s + w :], out_v[:, :, s + w :] = key_states, value_states
+        self.length += t
+        self._append(key_states, value_states)
+        if not lazy:  # the output is built: quantize what is due now
+            self._flush()
+        if lazy:
+            from casp.kv.attention import LAZY_LAYER_ATTR
+
+            out_k, out_v = key_states.view_as(key_states), value_states.view_as(value_states)
+            setattr(out_k, LAZY_LAYER_ATTR, self)
+            setattr(out_v, LAZY_LAYER_ATTR, self)
+        return out_k, out_v
+
+    @property
+    def window_capacity(self) -> int:
+        return self.residual + self.block
+
+    def _due(self, w: int) -> int:
+        """Tokens to quantize out of a window of ``w``: whole blocks, keeping at least ``residual``."""
+        return max(0, (w - self.residual) // self.block * self.block)
+
+    def _set_window(self, w: int) -> None:
+        self.keys, self.values = self._kbuf[:, :, :w], self._vbuf[:, :, :w]
+
+    def _flush(self) -> None:
+        """Quantize the window's due tokens (oldest first) and move the rest to the buffer's front."""
+        w = self.keys.shape[-2]
+        n = self._due(w)
+        if n == 0:
+            return
+        self._store(self._kbuf[:, :, :n], self._vbuf[:, :, :n], start=self.stored)
+        self.stored += n
+        # clone: source and destination overlap
+        self._kbuf[:, :, : w - n] = self._kbuf[:, :, n:w].clone()
+        self._vbuf[:, :, : w - n] = self._vbuf[:, :, n:w].clone()
+        self._set_window(w - n)
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        w, t = self.keys.shape[-2], key_states.shape[-2]
+        cap = 0 if self._kbuf is None else self._kbuf.shape[-2]
+        if cap < w + t <= self.window_capacity:  # grow once to the steady-state window size
+            kbuf, vbuf = self._new_buffers(key_states, value_states, self.window_capacity)
+            kbuf[:, :, :w], vbuf[:, :, :w] = self.keys, self.values
+            self._kbuf, self._vbuf, cap = kbuf, vbuf, self.window_capacity
+        if w + t <= cap:
+            self._kbuf[:, :, w : w + t], self._vbuf[:, :, w : w + t] = key_states, value_states
+            self._set_window(w + t)
+            return
+        # A prompt or chunk larger than the window: quantize straight from the states (no copy of a
+        # possibly huge prompt), then keep the tail in a buffer of just its size (the memory a prefilled
+        # cache holds; the first decode steps grow it to residual + block slots).
         if w:
             window_k = torch.cat([self.keys, key_states], dim=-2)
             window_v = torch.cat([self.values, value_states], dim=-2)
-        else:  # prefill: no copy of a possibly huge prompt
+        else:
             window_k, window_v = key_states, value_states
-        n = (window_k.shape[-2] - self.residual) // self.block * self.block
-        if n > 0:
+        n = self._due(window_k.shape[-2])
+        if n:
             self._store(window_k[:, :, :n], window_v[:, :, :n], start=self.stored)
             self.stored += n
-            # clone: a slice would keep the whole window's storage alive
-            window_k, window_v = window_k[:, :, n:].clone(), window_v[:, :, n:].clone()
-        elif not w:  # own the states (the caller's may be a view of a larger buffer)
-            window_k, window_v = window_k.clone(), window_v.clone()
-        self.keys, self.values = window_k, window_v
-        return out_k, out_v
+        rest = window_k.shape[-2] - n  # < residual + block
+        self._kbuf, self._vbuf = self._new_buffers(key_states, value_states, rest)
+        self._kbuf[:, :, :rest], self._vbuf[:, :, :rest] = window_k[:, :, n:], window_v[:, :, n:]
+        self._set_window(rest)
+
+    @staticmethod
+    def _new_buffers(key_states: torch.Tensor, value_states: torch.Tensor, slots: int):
+        b, h, _, d = key_states.shape
+        return key_states.new_empty(b, h, slots, d), value_states.new_empty(b, h, slots, value_states.shape[-1])
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # older transformers passed cache_position
@@ -239,7 +314,7 @@ class WindowedQuantLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self._kbuf = self._vbuf = None
         self.is_initialized = False
         self.length = self.stored = 0
 
@@ -256,8 +331,12 @@ class WindowedQuantLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         index = index.to(self.keys.device)
-        self.keys = self.keys.index_select(0, index)
-        self.values = self.values.index_select(0, index)
+        w = self.keys.shape[-2]
+        if self._kbuf is None:
+            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        else:
+            self._kbuf, self._vbuf = self._kbuf.index_select(0, index), self._vbuf.index_select(0, index)
+            self._set_window(w)
         if self.stored:
             self._select_store(index)
 
@@ -275,8 +354,8 @@ class WindowedQuantLayer(CacheLayerMixin):
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor this layer holds (for memory accounting)."""
         if self.is_initialized:
-            yield self.keys
-            yield self.values
+            yield self.keys if self._kbuf is None else self._kbuf
+            yield self.values if self._vbuf is None else self._vbuf
             yield from self.stored_tensors()
 
 
@@ -348,11 +427,17 @@ class AKVQLayer(WindowedQuantLayer):
         self.k_kept: torch.Tensor | None = None
         self.v_kept: torch.Tensor | None = None
         self.hadamard: torch.Tensor | None = None
+        # fused decode: per-class store-row indices and padded kept tokens, rebuilt when the store changes
+        self._segments_cache: tuple | None = None
 
     def reset(self) -> None:
         super().reset()
         self._init_store()
         self.image_mask = self.pivots = None
+
+    def hadamard_matrix(self) -> torch.Tensor:
+        """H [d, d] in the cache dtype (symmetric, orthogonal): keys are stored as K H."""
+        return self._h()
 
     def _h(self) -> torch.Tensor:
         if self.hadamard is None:
@@ -401,6 +486,7 @@ class AKVQLayer(WindowedQuantLayer):
                 new_k, new_v = PackedKV.cat([self.k_rows[c], new_k]), PackedKV.cat([self.v_rows[c], new_v])
             self.k_rows[c], self.v_rows[c] = new_k, new_v
         self.token_class = cls if self.token_class is None else torch.cat([self.token_class, cls])
+        self._segments_cache = None
         kept = self._kept(start, n, b, keys.device)
         if kept is not None:
             k_new, v_new = k_t[kept[:, 0], kept[:, 1]], v_t[kept[:, 0], kept[:, 1]]  # [P, H, d], exact
@@ -439,6 +525,7 @@ class AKVQLayer(WindowedQuantLayer):
             v_out[self.kept_pos[:, 0], self.kept_pos[:, 1]] = self.v_kept
 
     def _select_store(self, index: torch.Tensor) -> None:
+        self._segments_cache = None
         for c in list(self.k_rows):
             rows = _gather_rows(self.token_class, c, index)
             self.k_rows[c], self.v_rows[c] = self.k_rows[c].select(rows), self.v_rows[c].select(rows)
@@ -451,9 +538,76 @@ class AKVQLayer(WindowedQuantLayer):
             self.kept_pos = torch.stack([self.kept_pos[p, 0], j], dim=1)
             self.k_kept, self.v_kept = self.k_kept[p], self.v_kept[p]
 
+    # -- fused decode ------------------------------------------------------------------------------
+    def decode_segments(self) -> tuple[list, list]:
+        """The layer's tokens for casp.kv.attention.decode_attention: (packed segments, dense segments).
+
+        Packed: one PackedSegment per class, with int32 ``idx`` [B, L] (store row of the batch row's j-th
+        token of the class in time order; pivot tokens, held exactly in the kept overlay, are -1) and
+        ``pos`` [B, L]. Dense: the kept pivot tokens padded per batch row [B, Hkv, P, d] (PSA), then the
+        recent window. The index and the padded kept tokens are rebuilt only when the store changes
+        (every ``block`` decode steps), at 8 bytes per token and batch row.
+        """
+        if self._segments_cache is None:
+            self._segments_cache = self._build_segments()
+        packed, kept = self._segments_cache
+        b, w = self.keys.shape[0], self.keys.shape[-2]
+        pos = torch.arange(self.stored, self.stored + w, device=self.keys.device).expand(b, w)
+        from casp.kv.attention import DenseSegment
+
+        return packed, [*kept, DenseSegment(self.keys, self.values, pos)]
+
+    def _build_segments(self) -> tuple[list, list]:
+        from casp.kv.attention import DenseSegment, PackedSegment
+
+        if not self.stored:
+            return [], []
+        tc = self.token_class  # [S, B]
+        s, b = tc.shape
+        keep = torch.ones_like(tc, dtype=torch.bool)
+        if self.kept_pos is not None:
+            keep[self.kept_pos[:, 0], self.kept_pos[:, 1]] = False
+        packed = []
+        for c in sorted(self.k_rows):
+            hit = tc == c
+            rank = (hit.flatten().cumsum(0) - 1).view(s, b)  # store row of each token of the class
+            use = hit & keep
+            width = int(use.sum(0).max())
+            if width == 0:
+                continue
+            # time order of the used tokens of every batch row first (a stable sort of "not used")
+            order = torch.sort((~use).to(torch.uint8), dim=0, stable=True).indices[:width]  # [L, B]
+            idx = torch.where(use.gather(0, order), rank.gather(0, order), torch.full_like(order, -1))
+            packed.append(
+                PackedSegment(
+                    self.k_rows[c], self.v_rows[c], idx.T.contiguous().to(torch.int32), order.T.contiguous().int()
+                )
+            )
+        kept = []
+        if self.kept_pos is not None:
+            pos, row = self.kept_pos[:, 0], self.kept_pos[:, 1]
+            order = torch.argsort(row * s + pos)
+            pos, row = pos[order], row[order]
+            counts = torch.bincount(row, minlength=b)
+            first = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(row.shape[0], device=row.device) - first[row]
+            p = int(counts.max())
+            h, d = self.k_kept.shape[1], self.k_kept.shape[2]
+            kk = self.k_kept.new_zeros(b, p, h, d)
+            vv = self.v_kept.new_zeros(b, p, h, self.v_kept.shape[2])
+            kk[row, slot], vv[row, slot] = self.k_kept[order], self.v_kept[order]
+            kpos = torch.zeros(b, p, dtype=torch.long, device=row.device)
+            valid = torch.zeros(b, p, dtype=torch.bool, device=row.device)
+            kpos[row, slot], valid[row, slot] = pos, True
+            kept.append(DenseSegment(kk.transpose(1, 2), vv.transpose(1, 2), kpos, valid))
+        return packed, kept
+
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         held = [self.token_class, self.k_rows, self.v_rows, self.kept_pos, self.k_kept, self.v_kept]
         yield from _iter_tensors([*held, self.hadamard, self.pivots])
+        if self._segments_cache is not None:  # the fused path's index and padded pivots
+            packed, kept = self._segments_cache
+            yield from _iter_tensors([[p.idx, p.pos] for p in packed] + [[k.k, k.v, k.pos, k.valid] for k in kept])
         if self.image_mask is not None:
             yield self.image_mask
 
@@ -502,9 +656,15 @@ def _text_shape(model: nn.Module, adapter) -> tuple[int, int]:
 
 
 class AKVQCache(QuantizedKVCache):
-    """AKVQ-VL KV cache for ``model`` (see the module docstring). ``adapter`` defaults to get_adapter(model)."""
+    """AKVQ-VL KV cache for ``model`` (see the module docstring). ``adapter`` defaults to get_adapter(model).
 
-    def __init__(self, model: nn.Module, config: AKVQConfig | None = None, adapter=None):
+    fused: decode steps attend straight over the packed store (casp.kv.attention) instead of a dequantized
+    copy. None (default): whenever the model's attention implementation is "casp_kv"
+    (casp.kv.attention.enable_fused_kv_attention); False: never; True: required (a forward with another
+    attention implementation raises).
+    """
+
+    def __init__(self, model: nn.Module, config: AKVQConfig | None = None, adapter=None, fused: bool | None = None):
         from casp.models import get_adapter
 
         config = config or AKVQConfig()
@@ -514,6 +674,7 @@ class AKVQCache(QuantizedKVCache):
         layers = [AKVQLayer(config, config.mode(i, num_layers), rotate_values, head_dim) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.config = config
+        self.fused = fused
         self.image_mask: torch.Tensor | None = None
         self._handles: list = []
         self._install_hooks(model, adapter)
@@ -543,12 +704,28 @@ class AKVQCache(QuantizedKVCache):
         for layer in self.layers:
             layer.image_mask = self.image_mask
 
+    def _set_fused(self, attention_module: nn.Module) -> None:
+        from casp.kv.attention import FUSED_ATTENTION, uses_fused_kv_attention
+
+        active = self.fused is not False and uses_fused_kv_attention(attention_module)
+        if self.fused and not active:
+            raise ValueError(
+                f"AKVQCache(fused=True) needs the model's attention implementation {FUSED_ATTENTION!r}: "
+                "call casp.kv.attention.enable_fused_kv_attention(model) first"
+            )
+        for layer in self.layers:
+            layer.fused_decode = active
+
     def _install_hooks(self, model: nn.Module, adapter) -> None:
         ref = weakref.ref(self)
+        first_attention = adapter.attention(adapter.decoder_layers(model)[0])
 
         def on_model(module, args, kwargs):
             cache = ref()
-            if cache is None or kwargs.get("past_key_values") is not cache or cache.get_seq_length() > 0:
+            if cache is None or kwargs.get("past_key_values") is not cache:
+                return None
+            cache._set_fused(first_attention)
+            if cache.get_seq_length() > 0:
                 return None
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if cache.image_mask is None and input_ids is not None:

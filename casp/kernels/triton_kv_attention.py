@@ -1,0 +1,252 @@
+"""Triton decode attention (one query token, GQA) that reads AKVQ-VL's packed KV store directly.
+
+What one call computes. A *store* is one precision class of a layer's quantized tokens (casp.kv.cache,
+AKVQLayer): packed rows ``codes`` uint8 [N, Hkv, NG, GROUP * BITS / 8] with fp16 ``scale``/``zero``
+[N, Hkv, NG] (casp.kv.quantizer.PackedKV; NG groups of GROUP channels, D = NG * GROUP), and an index
+``idx`` int32 [B, L]: the store row of the j-th token of batch row b, or -1 for a slot to skip
+(padding, pivot tokens held in fp16 elsewhere, masked positions). For every (batch row b, query head h)
+the kernel returns the flash-decoding partial triple over the store's tokens, per split of ``idx``:
+
+    m = max_j s_j,  l = sum_j exp(s_j - m),  acc = sum_j exp(s_j - m) v_j,   s_j = sm_scale * q_h . k_j
+
+where k_j = (c_j - z_j) s_j is dequantized in registers (c: codes, s/z: the group's scale/zero) and
+never written to memory. The caller (casp.kv.attention) merges the triples of all splits, all stores
+and the fp16 parts (recent window, kept pivot tokens) with one log-sum-exp merge in torch, so one
+kernel handles any mix of classes (TSA: text 4-bit + image 2-bit; PSA: one 2-bit store + fp16 pivots).
+
+Design choices:
+* One program per (b, query head, split), 2-D grid [B * Hq, splits]. Under GQA the KV head is
+  h // (Hq / Hkv); its codes are read once per query head of the group (from L2 after the first).
+  Splits over ``idx`` give parallelism at small batch (flash-decoding); at large batch one split.
+* Unpacking without reshapes: a token's bytes are loaded as a [BLOCK_N, DB] tile (DB = D * BITS / 8,
+  contiguous, vectorized loads) and broadcast against the PER = 8 / BITS code positions of a byte into
+  a [BLOCK_N, DB, PER] tile; channel j * PER + i is element [., j, i], so q and acc use the same
+  [DB, PER] view of the head dimension (a plain contiguous reshape of D).
+* One group per head (NG == 1, LLaVA: D = GROUP = 128): scale and zero are per (token, head) scalars
+  and are factored out, s (sum_c q_c c_c - z sum_c q_c) for scores and sum_j (p_j s_j) c_j -
+  sum_j p_j s_j z_j for values, so the inner loop is one multiply-add per code. Several groups:
+  scale/zero are gathered per byte column (all codes of a byte share a group) and applied per code.
+* Keys are stored in the rotated (Walsh-Hadamard) basis: the caller passes q H, not q; values are
+  consumed as stored (the caller rotates acc back when the cache rotated them online).
+* Masked/empty tiles: scores of skipped slots are -inf; a split with no valid token returns m = -inf,
+  l = 0, acc = 0, which the merge weights by exp(-inf) = 0.
+Only bits 2 and 4 run here (AKVQ-VL's widths); casp.kv.attention uses its torch reference for 8.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+KERNEL_BITS = (2, 4)
+BLOCK_N = 64
+# Aim for about this many programs per call before splitting the sequence (132 SMs x several waves).
+_TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _packed_decode_kernel(
+    Q,  # [B, Hq, D] float, already scaled by nothing (sm_scale applied here)
+    KC,
+    KS,
+    KZ,  # key codes [N, Hkv, NG*GB] uint8, scale/zero [N, Hkv, NG] fp16
+    VC,
+    VS,
+    VZ,  # value codes, scale, zero: same layout
+    IDX,  # [B, L] int32 store rows, -1 = skip
+    M_OUT,
+    L_OUT,  # [B, Hq, SPLITS] fp32
+    ACC_OUT,  # [B, Hq, SPLITS, D] fp32
+    sm_scale,
+    L,
+    tokens_per_split,
+    num_q_heads,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_kc_n,
+    stride_kc_h,
+    stride_ks_n,
+    stride_ks_h,
+    stride_vc_n,
+    stride_vc_h,
+    stride_vs_n,
+    stride_vs_h,
+    stride_ib,
+    GQA: tl.constexpr,
+    BITS: tl.constexpr,
+    DB: tl.constexpr,  # bytes per head: D * BITS / 8 (a power of two)
+    GROUP_BYTES: tl.constexpr,  # bytes per quantization group: GROUP * BITS / 8
+    NG: tl.constexpr,  # groups per head
+    BLOCK: tl.constexpr,
+):
+    PER: tl.constexpr = 8 // BITS
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // num_q_heads
+    h = pid_bh % num_q_heads
+    hk = h // GQA
+
+    offs_j = tl.arange(0, DB)  # byte column
+    offs_i = tl.arange(0, PER)  # code position inside a byte
+    shifts = offs_i * BITS
+    chan = offs_j[:, None] * PER + offs_i[None, :]  # [DB, PER] channel numbers
+    q = tl.load(Q + b * stride_qb + h * stride_qh + chan).to(tl.float32) * sm_scale  # [DB, PER]
+    q_sum = tl.sum(tl.sum(q, axis=1), axis=0)
+    grp = offs_j // GROUP_BYTES  # group of each byte column
+
+    m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    acc = tl.zeros([DB, PER], tl.float32)
+
+    start = pid_s * tokens_per_split
+    stop = tl.minimum(start + tokens_per_split, L)
+    for n0 in range(start, stop, BLOCK):
+        offs_n = n0 + tl.arange(0, BLOCK)
+        rows = tl.load(IDX + b * stride_ib + offs_n, mask=offs_n < stop, other=-1)
+        valid = rows >= 0
+        rows64 = tl.where(valid, rows, 0).to(tl.int64)
+
+        kb = tl.load(
+            KC + rows64[:, None] * stride_kc_n + hk * stride_kc_h + offs_j[None, :], mask=valid[:, None], other=0
+        )
+        kc = ((kb.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & CODE_MASK).to(tl.float32)  # [BLOCK, DB, PER]
+        if NG == 1:
+            ks = tl.load(KS + rows64 * stride_ks_n + hk * stride_ks_h, mask=valid, other=0.0).to(tl.float32)
+            kz = tl.load(KZ + rows64 * stride_ks_n + hk * stride_ks_h, mask=valid, other=0.0).to(tl.float32)
+            qc = tl.sum(tl.sum(kc * q[None, :, :], axis=2), axis=1)  # [BLOCK]
+            s = ks * (qc - kz * q_sum)
+        else:
+            gofs = rows64[:, None] * stride_ks_n + hk * stride_ks_h + grp[None, :]
+            ks = tl.load(KS + gofs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, DB]
+            kz = tl.load(KZ + gofs, mask=valid[:, None], other=0.0).to(tl.float32)
+            k = (kc - kz[:, :, None]) * ks[:, :, None]
+            s = tl.sum(tl.sum(k * q[None, :, :], axis=2), axis=1)
+        s = tl.where(valid, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid token yet: keep exp() finite
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref)  # 0 for skipped slots
+
+        vb = tl.load(
+            VC + rows64[:, None] * stride_vc_n + hk * stride_vc_h + offs_j[None, :], mask=valid[:, None], other=0
+        )
+        vc = ((vb.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & CODE_MASK).to(tl.float32)
+        if NG == 1:
+            vs = tl.load(VS + rows64 * stride_vs_n + hk * stride_vs_h, mask=valid, other=0.0).to(tl.float32)
+            vz = tl.load(VZ + rows64 * stride_vs_n + hk * stride_vs_h, mask=valid, other=0.0).to(tl.float32)
+            ps = p * vs
+            pv = tl.sum(ps[:, None, None] * vc, axis=0) - tl.sum(ps * vz, axis=0)  # [DB, PER]
+        else:
+            gofs = rows64[:, None] * stride_vs_n + hk * stride_vs_h + grp[None, :]
+            vs = tl.load(VS + gofs, mask=valid[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(VZ + gofs, mask=valid[:, None], other=0.0).to(tl.float32)
+            v = (vc - vz[:, :, None]) * vs[:, :, None]
+            pv = tl.sum(p[:, None, None] * v, axis=0)
+
+        acc = acc * alpha + pv
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+
+    out = pid_bh * num_splits + pid_s
+    tl.store(M_OUT + out, m_i)
+    tl.store(L_OUT + out, l_i)
+    tl.store(ACC_OUT + out * (DB * PER) + chan, acc)
+
+
+def num_splits_for(batch: int, q_heads: int, length: int, block: int = BLOCK_N) -> int:
+    """Splits of the sequence so that a call has about _TARGET_PROGRAMS programs (at least one tile each)."""
+    tiles = max(1, -(-length // block))
+    want = max(1, -(-_TARGET_PROGRAMS // max(1, batch * q_heads)))
+    return min(tiles, want)
+
+
+def packed_decode_partials(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    idx: torch.Tensor,
+    bits: int,
+    sm_scale: float,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial attention (m, l, acc) of queries ``q`` [B, Hq, D] over one packed store (module docstring).
+
+    k_codes/v_codes: uint8 [N, Hkv, NG, GB]; scales/zeros fp16 [N, Hkv, NG]; idx int32 [B, L].
+    Returns m, l fp32 [B, Hq, S] and acc fp32 [B, Hq, S, D] for S = ``splits`` (default: num_splits_for).
+    """
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"the packed decode kernel supports bits {KERNEL_BITS}, got {bits}")
+    b, hq, d = q.shape
+    n, hkv, ng, gb = k_codes.shape
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if ng * gb * 8 // bits != d or v_codes.shape[1:] != k_codes.shape[1:]:
+        raise ValueError(f"packed rows {tuple(k_codes.shape)} / {tuple(v_codes.shape)} do not hold head dim {d}")
+    db = ng * gb
+    if db & (db - 1):
+        raise ValueError(f"head dim {d} at {bits} bits is {db} bytes, not a power of two")
+    if idx.shape[0] != b or idx.dtype != torch.int32:
+        raise ValueError(f"idx must be int32 [B={b}, L], got {idx.dtype} {tuple(idx.shape)}")
+    length = idx.shape[1]
+    splits = splits or num_splits_for(b, hq, length)
+    per_split = -(-max(1, length) // splits)
+    per_split = -(-per_split // BLOCK_N) * BLOCK_N
+    q = q.contiguous()
+    idx = idx.contiguous()
+    kc, vc = k_codes.reshape(n, hkv, db), v_codes.reshape(n, hkv, db)
+    ks, kz = k_scale.reshape(n, hkv, ng), k_zero.reshape(n, hkv, ng)
+    vs, vz = v_scale.reshape(n, hkv, ng), v_zero.reshape(n, hkv, ng)
+    if ks.stride() != kz.stride() or vs.stride() != vz.stride():
+        ks, kz, vs, vz = ks.contiguous(), kz.contiguous(), vs.contiguous(), vz.contiguous()
+    for t in (kc, vc, ks, vs):
+        if t.stride(-1) != 1:
+            raise ValueError("packed store tensors must be contiguous in their last dimension")
+    m = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
+    l_sum = torch.empty_like(m)
+    acc = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
+    grid = (b * hq, splits)
+    _packed_decode_kernel[grid](
+        q,
+        kc,
+        ks,
+        kz,
+        vc,
+        vs,
+        vz,
+        idx,
+        m,
+        l_sum,
+        acc,
+        float(sm_scale),
+        length,
+        per_split,
+        hq,
+        splits,
+        q.stride(0),
+        q.stride(1),
+        kc.stride(0),
+        kc.stride(1),
+        ks.stride(0),
+        ks.stride(1),
+        vc.stride(0),
+        vc.stride(1),
+        vs.stride(0),
+        vs.stride(1),
+        idx.stride(0),
+        GQA=hq // hkv,
+        BITS=bits,
+        DB=db,
+        GROUP_BYTES=gb,
+        NG=ng,
+        BLOCK=BLOCK_N,
+        num_warps=4,
+    )
+    return m, l_sum, acc
