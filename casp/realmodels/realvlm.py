@@ -85,7 +85,9 @@ class RealVLMConfig(PretrainedConfig):
     """Config of :class:`RealPartsVLM`: the language model's LlamaConfig, the trunk's shape, the projector.
 
     ``parts`` records where frozen weights come from when they are not stored in the directory
-    (``{"external": true, "vision_sha256": ..., "language_model_sha256": ...}``).
+    (``{"external": true, "vision_sha256": ..., "language_model_sha256": ...}``). ``lora`` describes
+    low-rank updates of the language model stored beside the projector (``{"rank", "modules"}``), which
+    :func:`load_realvlm` merges into the fetched weights; None when there are none.
     """
 
     model_type = MODEL_TYPE
@@ -101,6 +103,7 @@ class RealVLMConfig(PretrainedConfig):
         projector_hidden: int | None = None,
         image_token_id: int | None = None,
         parts: dict | None = None,
+        lora: dict | None = None,
         **kwargs,
     ):
         if text_config is None or isinstance(text_config, dict):
@@ -114,6 +117,7 @@ class RealVLMConfig(PretrainedConfig):
         self.projector_hidden = int(projector_hidden or text_config.hidden_size)
         self.image_token_id = image_token_id
         self.parts = dict(parts or {})
+        self.lora = dict(lora) if lora else None
         kwargs.setdefault("tie_word_embeddings", text_config.tie_word_embeddings)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(key, getattr(text_config, key, None))
@@ -169,7 +173,14 @@ class RealVLMPreTrainedModel(PreTrainedModel):
 
 
 class RealPartsVLM(RealVLMPreTrainedModel, GenerationMixin):
-    """vision_tower (EfficientNet-Lite trunk) + projector + language_model (LlamaForCausalLM)."""
+    """vision_tower (EfficientNet-Lite trunk) + projector + language_model (LlamaForCausalLM).
+
+    ``lora_factors``: the low-rank updates {module name: (A [r, in], B [out, r])} already merged into the
+    language model's weights (W + B A), kept so that a projector-only save stores them again; None when
+    the language model is the pretrained one.
+    """
+
+    lora_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __init__(self, config: RealVLMConfig):
         super().__init__(config)
@@ -290,6 +301,26 @@ AutoModelForImageTextToText.register(RealVLMConfig, RealPartsVLM, exist_ok=True)
 # ----------------------------------------------------------------------------------------------- processor
 
 
+def square_resize(images: Sequence, size: int) -> np.ndarray:
+    """PIL images or uint8 [H, W, 3] arrays -> square center crops, bicubic-resized to ``size``: uint8
+    [B, size, size, 3]. The CPU half of the processor's preprocessing (training renders scenes and runs
+    this in worker processes; the normalization then runs on the accelerator)."""
+    from PIL import Image
+
+    out = []
+    for img in images:
+        img = Image.fromarray(np.asarray(img)) if not isinstance(img, Image.Image) else img
+        img = img.convert("RGB")
+        w, h = img.size
+        s = min(w, h)
+        if w != h:
+            img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if s != size:
+            img = img.resize((size, size), Image.BICUBIC)
+        out.append(np.asarray(img, dtype=np.uint8))
+    return np.stack(out)
+
+
 @dataclasses.dataclass
 class RealVLMProcessor:
     """Tokenizer + image preprocessing: square center crop, bicubic resize to ``image_size``, normalize;
@@ -325,22 +356,17 @@ class RealVLMProcessor:
 
     def preprocess(self, images: Sequence) -> torch.Tensor:
         """PIL images or uint8 [H, W, 3] arrays -> normalized float32 [B, 3, S, S]."""
-        from PIL import Image
+        return self.normalize(torch.from_numpy(self.resize(images)))
 
-        out = []
-        for img in images:
-            img = Image.fromarray(np.asarray(img)) if not isinstance(img, Image.Image) else img
-            img = img.convert("RGB")
-            w, h = img.size
-            s = min(w, h)
-            if w != h:
-                img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            if s != self.image_size:
-                img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
-            out.append(np.asarray(img, dtype=np.float32) / 255.0)
-        x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)  # [B, 3, S, S]
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+    def resize(self, images: Sequence) -> np.ndarray:
+        """PIL images or uint8 [H, W, 3] arrays -> uint8 [B, S, S, 3]: :func:`square_resize` to ``image_size``."""
+        return square_resize(images, self.image_size)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, S, S, 3] (any device) -> normalized float32 [B, 3, S, S] on the same device."""
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # [B, 3, S, S]
+        mean = torch.tensor(self.image_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def expand(self, text: str) -> str:
@@ -397,6 +423,65 @@ class RealVLMProcessor:
         settings["image_mean"] = tuple(settings["image_mean"])
         settings["image_std"] = tuple(settings["image_std"])
         return cls(AutoTokenizer.from_pretrained(path), **settings)
+
+
+# -------------------------------------------------------------------------------------------- LoRA updates
+
+LORA_PREFIX = "lora."  # stored factors: "lora.<module>.A" [r, in] and "lora.<module>.B" [out, r]
+
+
+def merge_lora(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """W' = W + B A in fp32, for W [out, in], A [r, in], B [out, r] (LoRA's scale alpha / r folded into B)."""
+    return weight.float() + B.float() @ A.float()
+
+
+def balance_lora(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product B A with each rank component's two vectors of equal norm:
+    a_i' = a_i sqrt(|b_i| / |a_i|), b_i' = b_i sqrt(|a_i| / |b_i|). Both factors then hold values near the
+    square root of the update's, far inside fp16's range (B alone may be ~1e-5, where fp16 loses digits)."""
+    A, B = A.float(), B.float()
+    na, nb = A.norm(dim=1), B.norm(dim=0)  # [r], [r]
+    s = torch.where((na > 0) & (nb > 0), (nb / na.clamp_min(1e-30)).sqrt(), torch.ones_like(na))
+    return A * s[:, None], B / s[None, :]
+
+
+def lora_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype = torch.float16):
+    """Balanced factors as safetensors entries ``lora.<module>.A`` / ``lora.<module>.B`` in ``dtype``."""
+    out = {}
+    for name, (A, B) in factors.items():
+        A, B = balance_lora(A, B)
+        out[f"{LORA_PREFIX}{name}.A"] = A.to(dtype).contiguous()
+        out[f"{LORA_PREFIX}{name}.B"] = B.to(dtype).contiguous()
+    return out
+
+
+def split_lora(state: dict[str, torch.Tensor], where: str):
+    """(``state`` without its ``lora.*`` entries, {module: (A, B)}); an A without its B is an error."""
+    rest = {k: v for k, v in state.items() if not k.startswith(LORA_PREFIX)}
+    names = {k[len(LORA_PREFIX) : -2] for k in state if k.startswith(LORA_PREFIX)}
+    factors = {}
+    for name in sorted(names):
+        a, b = state.get(f"{LORA_PREFIX}{name}.A"), state.get(f"{LORA_PREFIX}{name}.B")
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ModelLoadError(f"{where}: LoRA factors of {name} are incomplete or of mismatched rank")
+        factors[name] = (a, b)
+    return rest, factors
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], factors: dict, where: str) -> dict[str, torch.Tensor]:
+    """``state`` with ``<module>.weight`` replaced by W + B A for every module in ``factors``."""
+    merged = dict(state)
+    for name, (A, B) in factors.items():
+        weight = state.get(f"{name}.weight")
+        if weight is None:
+            raise ModelLoadError(f"{where}: LoRA factors for {name}, but the model has no {name}.weight")
+        if (B.shape[0], A.shape[1]) != tuple(weight.shape):
+            raise ModelLoadError(
+                f"{where}: LoRA factors of {name} give a [{B.shape[0]}, {A.shape[1]}] update for a weight "
+                f"of shape {list(weight.shape)}"
+            )
+        merged[f"{name}.weight"] = merge_lora(weight, A, B)
+    return merged
 
 
 # ------------------------------------------------------------------------------------------ parts and I/O
@@ -580,9 +665,11 @@ def save_realvlm(
 ) -> Path:
     """Write the model directory atomically (temporary directory, then rename).
 
-    ``include_parts=False``: ``model.safetensors`` holds the projector alone (the trained part, a few MB)
-    and ``load_realvlm`` takes the frozen parts from :func:`fetch_parts`; ``True``: every weight (a
-    self-contained directory). ``extra_files``: name -> text written alongside (e.g. a training log).
+    ``include_parts=False``: ``model.safetensors`` holds the projector alone (the trained part, a few MB),
+    plus the language model's LoRA factors when ``model.lora_factors`` has them (fp16, balanced), and
+    ``load_realvlm`` takes the frozen parts from :func:`fetch_parts` and merges the factors into them;
+    ``True``: every weight, updates merged (a self-contained directory). ``extra_files``: name -> text
+    written alongside (e.g. a training log).
     """
     from safetensors.torch import save_file
 
@@ -594,6 +681,12 @@ def save_realvlm(
     parts = dict(config.parts)
     parts["external"] = not include_parts
     config.parts = parts
+    factors = None if include_parts else model.lora_factors
+    config.lora = (
+        {"rank": max(a.shape[0] for a, _ in factors.values()), "modules": sorted(factors), "dtype": "float16"}
+        if factors
+        else None
+    )
     config.architectures = [type(model).__name__]
     config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
@@ -603,6 +696,7 @@ def save_realvlm(
         keep = {k: v for k, v in state.items() if not (config.text_config.tie_word_embeddings and k == tied)}
     else:
         keep = {k: v for k, v in state.items() if k.startswith("projector.")}
+        keep.update(lora_tensors(factors or {}))
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in keep.items()},
         str(tmp / "model.safetensors"),
@@ -625,20 +719,23 @@ def load_realvlm(
     attn_implementation: str | None = None,
     parts: dict[str, Path] | None = None,
 ) -> RealPartsVLM:
-    """A saved real-parts VLM; frozen parts missing from the directory come from ``parts`` / :func:`fetch_parts`."""
+    """A saved real-parts VLM; frozen parts missing from the directory come from ``parts`` / :func:`fetch_parts`,
+    and stored LoRA factors are merged into the language model's weights (W + B A) before it is built."""
     path = Path(path)
     config = RealVLMConfig.from_pretrained(path)
     if attn_implementation:
         config._attn_implementation = attn_implementation
         config.text_config._attn_implementation = attn_implementation
-    state = _read_tensors(path / "model.safetensors")
+    state, factors = split_lora(_read_tensors(path / "model.safetensors"), str(path))
     if config.parts.get("external") and not any(k.startswith("language_model.") for k in state):
         parts = parts or fetch_parts()
         _check_sha(config.parts.get("vision_sha256"), Path(parts["vision_tower"]), "vision tower")
         _check_sha(config.parts.get("language_model_sha256"), Path(parts["language_model"]), "language model")
         state.update(_vision_state(Path(parts["vision_tower"]), config.vision))
         state.update(_lm_state(Path(parts["language_model"]), config.text_config.vocab_size))
+    state = merge_lora_state(state, factors, str(path))
     model = _instantiate(config, state, dtype, str(path))
+    model.lora_factors = factors or None
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
@@ -662,10 +759,16 @@ __all__ = [
     "RealVLMConfig",
     "RealVLMProcessor",
     "RealVLMProjector",
+    "balance_lora",
     "build_random",
     "build_realvlm",
     "fetch_parts",
     "parts_cache",
     "load_realvlm",
+    "lora_tensors",
+    "merge_lora",
+    "merge_lora_state",
     "save_realvlm",
+    "split_lora",
+    "square_resize",
 ]
