@@ -102,10 +102,10 @@ def _packed_decode_kernel(
     acc = tl.zeros([DB, PER], tl.float32)
 
     start = pid_s * tokens_per_split
-    stop = tl.minimum(start + tokens_per_split, L)
-    for n0 in range(start, stop, BLOCK):
-        offs_n = n0 + tl.arange(0, BLOCK)
-        rows = tl.load(IDX + b * stride_ib + offs_n, mask=offs_n < stop, other=-1)
+    for n0 in range(0, tokens_per_split, BLOCK):  # a bound that is a plain argument: one loop shape
+        offs_n = start + n0 + tl.arange(0, BLOCK)
+        in_range = (offs_n < L) & (offs_n < start + tokens_per_split)
+        rows = tl.load(IDX + b * stride_ib + offs_n, mask=in_range, other=-1)
         valid = rows >= 0
         rows64 = tl.where(valid, rows, 0).to(tl.int64)
 

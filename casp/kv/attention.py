@@ -117,22 +117,23 @@ def packed_partial_reference(q: torch.Tensor, k: PackedKV, v: PackedKV, idx: tor
 
 
 def triton_usable(q: torch.Tensor, bits: int) -> bool:
-    """True when the Triton kernel applies: CUDA tensors, 2/4-bit codes, triton importable."""
+    """True when the Triton kernel runs by default: CUDA tensors, 2/4-bit codes, triton importable."""
     return q.is_cuda and bits in (2, 4) and importlib.util.find_spec("triton") is not None
 
 
 def packed_partial(
     q: torch.Tensor, k: PackedKV, v: PackedKV, idx: torch.Tensor, scale: float, use_triton: bool | None = None
 ) -> Partial:
-    """Partial over a packed segment: the Triton kernel when usable (``use_triton`` None = auto), else the
-    torch reference. ``use_triton=True`` where the kernel does not apply raises ValueError."""
-    usable = triton_usable(q, k.bits) and k.bits == v.bits
-    if use_triton and not usable:
-        raise ValueError("the Triton KV attention kernel needs CUDA tensors, 2/4-bit codes and triton installed")
+    """Partial over a packed segment: the Triton kernel or the torch reference.
+
+    use_triton: None = the kernel where ``triton_usable``; True = the kernel (on CPU tensors only under
+    TRITON_INTERPRET=1, which the tests use); False = the reference."""
     if use_triton is None:
-        use_triton = usable
+        use_triton = triton_usable(q, k.bits) and k.bits == v.bits
     if not use_triton:
         return packed_partial_reference(q, k, v, idx, scale)
+    if k.bits != v.bits or k.bits not in (2, 4) or importlib.util.find_spec("triton") is None:
+        raise ValueError("the Triton KV attention kernel needs 2/4-bit keys and values of one width and triton")
     from casp.kernels.triton_kv_attention import packed_decode_partials
 
     m, l_sum, acc = packed_decode_partials(

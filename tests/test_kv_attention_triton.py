@@ -1,0 +1,101 @@
+"""The Triton decode-attention kernel over the packed KV store, run on CPU under Triton's interpreter
+(in a subprocess with TRITON_INTERPRET=1), against its torch reference and against softmax attention over
+the dequantized cache. Skipped when triton is not installed (CI); the GPU check is
+benchmarks/gpu_check_kv_attention.py."""
+
+import textwrap
+
+import pytest
+
+from tests.triton_interpreter import needs_triton, run_interpreted
+
+_PRELUDE = textwrap.dedent(
+    """
+    import numpy as np, torch
+    import triton.runtime.interpreter as ti
+    _orig = ti._patch_lang_tensor
+    def _patched(tensor, scope):  # numpy 2 refuses int() of the 1-element arrays the interpreter passes
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+    ti._patch_lang_tensor = _patched
+    from casp.kv.quantizer import quantize_tokens
+    from casp.kv.attention import Partial, merge_partials, packed_partial_reference, layer_decode_attention
+    from casp.kernels.triton_kv_attention import packed_decode_partials
+    """
+)
+
+_KERNEL = textwrap.dedent(
+    """
+    torch.manual_seed(0)
+    worst = 0.0
+    # (bits, D, group, Hq, Hkv, B, N, L, splits): one group per head (the GPU shape's factored path),
+    # several groups, GQA, splits (one left without valid tokens), tails shorter than a tile
+    cases = [(2, 128, 128, 2, 2, 2, 70, 67, 1), (4, 128, 128, 4, 2, 1, 90, 130, 3), (2, 32, 8, 4, 1, 3, 30, 30, 2),
+             (4, 32, 16, 2, 2, 2, 50, 200, 4), (2, 16, 16, 6, 3, 1, 9, 9, 1)]
+    for bits, d, group, hq, hkv, b, n, length, splits in cases:
+        k = quantize_tokens(torch.randn(n, hkv, d) * 2, bits, group)
+        v = quantize_tokens(torch.randn(n, hkv, d), bits, group)
+        idx = torch.randint(0, n, (b, length), dtype=torch.int32)
+        idx[:, ::5] = -1
+        if splits == 4:
+            idx[:, 64:128] = -1  # the second split has nothing to attend to
+        q = torch.randn(b, hq, d)
+        ref = merge_partials([packed_partial_reference(q, k, v, idx, 0.2)])
+        m, l, acc = packed_decode_partials(
+            q, k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, idx, bits, 0.2, splits
+        )
+        assert m.shape == (b, hq, splits) and acc.shape == (b, hq, splits, d)
+        if splits == 4:
+            assert bool(torch.isinf(m[:, :, 1]).all()) and bool((l[:, :, 1] == 0).all())
+        out = merge_partials([Partial(m, l, acc)])
+        worst = max(worst, float((out - ref).abs().max()))
+    assert worst < 1e-5, worst
+    print("ok", worst)
+    """
+)
+
+_LAYERS = textwrap.dedent(
+    """
+    from casp.kv.cache import AKVQLayer
+    from casp.kv import AKVQConfig
+    torch.manual_seed(1)
+    worst_ref = worst_dense = 0.0
+    b, hkv, hq, t, d = 2, 2, 4, 40, 32
+    image = torch.zeros(b, t, dtype=torch.bool)
+    image[0, 4:30], image[1, 8:16] = True, True
+    hidden = torch.randn(b, t, 8)
+    hidden[0, 0] *= 50
+    hidden[1, [3, 20]] *= 50
+    for mode, rotate_values in (("tsa", False), ("psa", True), ("uniform", True)):
+        cfg = AKVQConfig(bits=2, salient_bits=4, residual=8, block=4, group=16)
+        ref_layer, layer = AKVQLayer(cfg, mode, rotate_values, d), AKVQLayer(cfg, mode, rotate_values, d)
+        for x in (ref_layer, layer):
+            x.image_mask = image
+            x.set_pivots(hidden, k=15, ratio=4.0)
+        layer.fused_decode = True
+        k, v = torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+        ref_layer.update(k, v)
+        layer.update(k, v)
+        mask = torch.ones(b, 1, 1, t + 6, dtype=torch.bool)
+        mask[1, ..., :3] = False
+        for step in range(6):
+            kn, vn, q = torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hq, 1, d)
+            k_all, v_all = ref_layer.update(kn, vn)
+            layer.update(kn, vn)
+            m = mask[..., : t + step + 1]
+            fused = layer_decode_attention(layer, q, m, 0.2, use_triton=True)
+            torch_ref = layer_decode_attention(layer, q, m, 0.2, use_triton=False)
+            kk, vv = k_all.repeat_interleave(2, dim=1), v_all.repeat_interleave(2, dim=1)
+            dense = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=m, scale=0.2)
+            worst_ref = max(worst_ref, float((fused - torch_ref).abs().max()))
+            worst_dense = max(worst_dense, float((fused - dense).abs().max()))
+    assert worst_ref < 1e-5 and worst_dense < 1e-4, (worst_ref, worst_dense)
+    print("ok", worst_ref, worst_dense)
+    """
+)
+
+
+@needs_triton
+@pytest.mark.parametrize("check", ["kernel", "layers"])
+def test_packed_decode_kernel_under_triton_interpreter(check):
+    run_interpreted(_PRELUDE + {"kernel": _KERNEL, "layers": _LAYERS}[check])
