@@ -174,6 +174,18 @@ def test_gptq_candidates_equal_one_run_per_width(clip_search, group_size, block_
     assert errs == sorted(errs, reverse=True)  # more bits, less error
 
 
+def test_gptq_per_channel_act_order_stores_no_permutation():
+    """With one scale per row, act-order changes only the processing order: codes come back unpermuted, and
+    no permutation is stored (it would cost 16 / out_features bits per weight)."""
+    W, (_, G) = weight(8, 32, 5), correlated(200, 32, 5)
+    qw = quantize_gptq(W.double(), G.double(), GPTQConfig(bits=3, group_size=-1, act_order=True))
+    assert qw.perm is None
+    Q_ref, _ = reference_gptq(W, G, 3, 32, 0.01, True)
+    torch.testing.assert_close(qw.dequantize(torch.float64), Q_ref, atol=1e-12, rtol=0)
+    plain = quantize_gptq(W, G, GPTQConfig(bits=3, group_size=8, act_order=True))
+    assert plain.perm is not None and qw.bits_per_weight() < plain.bits_per_weight()
+
+
 def test_gptq_candidates_reject_configs_that_differ_beyond_bits():
     W, (_, G) = weight(4, 16, 0), correlated(50, 16, 0)
     with pytest.raises(QuantizationError, match="differ only in bits"):

@@ -80,7 +80,6 @@ def run_demo(
     n_calib: int | None = None,
 ) -> dict:
     """The demo; ``n_test``/``n_calib`` override the sizes (quick: 48/8, full: 300/64)."""
-    from casp.eval.evaluate import evaluate
     from casp.report import build_report
 
     start = time.time()
@@ -96,19 +95,8 @@ def run_demo(
 
     def run_eval(name: str, path: Path, bits: float | None) -> None:
         res_path = out / "results" / f"{_slug(name)}.json"
-        res = evaluate(path, tasks, out=res_path, device=device, batch_size=16, progress=False,
-                       prompt_suffix="", caption_prompt=world.CAPTION_PROMPTS[0])  # as the demo model was trained
+        rows.append({"method": name, "avg_bits": bits, **score_model(path, tasks, res_path, device)})
         result_files.append(res_path)
-        t = res["tasks"]
-        rows.append(
-            {
-                "method": name,
-                "avg_bits": bits,
-                "vqa_em": t[tasks[0]]["exact_match"],
-                "cider": t[tasks[1]]["cider"],
-                "per_type": {k: v["exact_match"] for k, v in t[tasks[0]]["per_type"].items()},
-            }
-        )
         print(_format_row(rows[-1]), flush=True)
 
     print(_format_header(), flush=True)
@@ -122,6 +110,21 @@ def run_demo(
     build_report(result_files, out / "report.html", title="casp demo: fp16 vs RTN vs GPTQ vs CASP+GPTQ")
     print(f"wrote {out}/report.html and {out}/demo_summary.json ({summary['seconds']}s)")
     return summary
+
+
+def score_model(model_dir: Path, tasks: list[str], res_path: Path, device: str) -> dict:
+    """VQA exact match (overall and per question type) and caption CIDEr of a demo model; the full results go
+    to ``res_path``. ``tasks``: ["vqa:<jsonl>", "caption:<jsonl>"] (see :func:`make_data`)."""
+    from casp.eval.evaluate import evaluate
+
+    res = evaluate(model_dir, tasks, out=res_path, device=device, batch_size=16, progress=False,
+                   prompt_suffix="", caption_prompt=world.CAPTION_PROMPTS[0])  # as the demo model was trained
+    t = res["tasks"]
+    return {
+        "vqa_em": t[tasks[0]]["exact_match"],
+        "cider": t[tasks[1]]["cider"],
+        "per_type": {k: v["exact_match"] for k, v in t[tasks[0]]["per_type"].items()},
+    }
 
 
 def _slug(name: str) -> str:

@@ -125,6 +125,8 @@ def quantize_gptq_candidates(W: torch.Tensor, G: torch.Tensor, cfgs: Sequence[GP
     bits = widths[0] if len(set(widths)) == 1 else torch.tensor(widths, device=W.device).repeat_interleave(N)
     codes, scales, zeros, perm, damp_used = _gptq(W.repeat(len(cfgs), 1), G, bits, cfgs[0])
     gs = resolve_group_size(cfgs[0].group_size, W.shape[1])
+    if perm is not None and gs >= W.shape[1]:  # one group per row: the order only mattered while quantizing
+        codes, perm = codes[:, torch.argsort(perm)], None
     return [
         UniformWeight.from_codes(codes[i * N : (i + 1) * N], scales[i * N : (i + 1) * N],
                                  zeros[i * N : (i + 1) * N], c.bits, gs, perm, info={"damp_used": damp_used})
