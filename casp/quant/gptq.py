@@ -232,14 +232,16 @@ class _BlockGraph:
             return _quantize_block(self.W1, self.Hinv1, bits, starts,
                                    lambda i, W1, Err1: fit(W1[:, i : i + gs], self.d1[i : i + gs]))
 
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy kernel loading)
-            run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = run()
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy kernel loading)
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the sensitivity pass may capture on several GPUs at once, one worker thread each
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.out = run()
 
     def __call__(self, W1: torch.Tensor, Hinv1: torch.Tensor, d1: torch.Tensor):
         self.W1.copy_(W1)
