@@ -302,3 +302,22 @@ def test_decode_segments_of_a_tsa_layer_cover_every_token_once():
 def test_partial_is_a_plain_triple():
     p = Partial(torch.zeros(1, 1, 1), torch.ones(1, 1, 1), torch.ones(1, 1, 1, 4))
     assert merge_partials([p]).tolist() == [[[1.0, 1.0, 1.0, 1.0]]]
+
+
+# ---- the benchmark's chunked prefill ----------------------------------------------------------------------
+
+
+def test_chunked_prefill_loop_gives_generate_tokens_and_pivots_cover_every_chunk():
+    from casp.kv.bench import greedy_chunked
+
+    model = tiny_llama(seed=4)
+    ids = torch.randint(3, 96, (2, 45))
+    ref = model.generate(ids, max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0)[:, 45:]
+    new, prefill_s, decode_s = greedy_chunked(model, tf.DynamicCache(), ids, 7, chunk=16)
+    assert torch.equal(new, ref) and prefill_s > 0 and decode_s > 0
+    enable_fused_kv_attention(model)
+    cache = AKVQCache(model, AKVQConfig(residual=8, block=4, pivot_ratio=1.0, pivots=2))
+    greedy_chunked(model, cache, ids, 5, chunk=16)
+    psa = [layer for layer in cache.layers if layer.mode == "psa"]
+    assert psa and all(layer.pivots.shape[1] == 45 for layer in psa)  # 16 + 16 + 13: each chunk's pivots
+    assert all(int(layer.pivots[:, 16:].sum()) > 0 for layer in psa)

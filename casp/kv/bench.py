@@ -15,9 +15,12 @@ transformers' own QuantizedCache for each of its backends installed (quanto, HQQ
     positions [5, 5 + 576) are marked as image tokens (what LLaVA's projector output occupies); greedy
     generation of ``--gen`` tokens. For fp16 (DynamicCache) and AKVQ-VL 2-bit: peak memory at a fixed
     batch, the largest batch before CUDA out-of-memory (doubling, then bisection), tokens/s at that batch.
-        casp kv-bench --gpu --out benchmarks/results/kv_cache_h100.txt
-    The torch path dequantizes every layer's whole cache at every step (no fused kernel yet), so
-    AKVQ-VL's tokens/s here is a lower bound; its memory numbers are the real packed storage.
+        casp kv-bench --gpu --prefill-chunk 128 --out benchmarks/results/kv_cache_h100.txt
+    ``--fused`` (default on for CUDA with triton): AKVQ decode steps attend straight over the packed cache
+    (casp.kv.attention, Triton kernel) instead of dequantizing every layer's whole cache per step (the
+    torch path, ``--fused off``). ``--prefill-chunk N``: prompts are prefilled N tokens at a time in a
+    greedy loop that times prefill and decode apart, so the prefill's activations do not set the
+    largest batch (every cache runs the same loop). Memory numbers are the real packed storage.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import transformers as tf
 from transformers import DynamicCache
 
 from casp.kv import AKVQCache, AKVQConfig, KIVICache, KIVIConfig, ablation_configs
+from casp.kv.attention import enable_fused_kv_attention
 from casp.models import get_adapter
 
 CacheFactory = Callable[[], object]
@@ -208,8 +212,36 @@ def free(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def generate_once(model, make_cache, batch: int, prompt_len: int, gen: int, image_span: tuple[int, int]) -> dict:
-    """One greedy generation of ``gen`` tokens for a batch; returns time, peak memory, cache bytes."""
+def greedy_chunked(model, cache, ids: torch.Tensor, gen: int, chunk: int) -> tuple[torch.Tensor, float, float]:
+    """Greedy decoding of ``gen`` tokens after feeding the prompt ``ids`` [B, T] in chunks of ``chunk``
+    tokens (no padding: every row has T tokens). Returns (new tokens [B, gen], prefill s, decode s).
+
+    A chunked prefill keeps the activations (and, for a quantized cache, the dequantized K/V handed to
+    the attention) of ``chunk`` tokens instead of the whole prompt, so the prefill peak no longer sets the
+    largest batch; each chunk attends over the cache of the earlier ones (quantized, for a quantized cache)."""
+    device = ids.device
+    sync(device)
+    t0 = time.perf_counter()
+    for a in range(0, ids.shape[1], chunk):
+        logits = model(input_ids=ids[:, a : a + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    tokens = [logits[:, -1].argmax(dim=-1, keepdim=True)]
+    sync(device)
+    t1 = time.perf_counter()
+    for _ in range(gen - 1):
+        logits = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        tokens.append(logits[:, -1].argmax(dim=-1, keepdim=True))
+    sync(device)
+    return torch.cat(tokens, dim=1), t1 - t0, time.perf_counter() - t1
+
+
+@torch.no_grad()
+def generate_once(
+    model, make_cache, batch: int, prompt_len: int, gen: int, image_span: tuple[int, int], chunk: int = 0
+) -> dict:
+    """One greedy generation of ``gen`` tokens for a batch; returns time, peak memory, cache bytes.
+
+    chunk > 0: the prompt is prefilled ``chunk`` tokens at a time (greedy_chunked), and the prefill and
+    decode times are reported apart; 0: one ``model.generate`` call."""
     device = model.device
     g = torch.Generator(device="cpu").manual_seed(batch)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
@@ -222,34 +254,44 @@ def generate_once(model, make_cache, batch: int, prompt_len: int, gen: int, imag
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
-        max_new_tokens=gen,
-        min_new_tokens=gen,
-        do_sample=False,
-        pad_token_id=0,
-    )
+    prefill_s = decode_s = float("nan")
+    if chunk > 0:
+        new, prefill_s, decode_s = greedy_chunked(model, cache, ids, gen, chunk)
+        n_new = new.shape[1]
+    else:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=gen,
+            min_new_tokens=gen,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        n_new = out.shape[1] - prompt_len
+        del out
     sync(device)
     seconds = time.perf_counter() - t0
     result = {
         "batch": batch,
         "seconds": seconds,
-        "tokens_per_s": batch * (out.shape[1] - prompt_len) / seconds,
+        "tokens_per_s": batch * n_new / seconds,
+        "prefill_s": prefill_s,
+        # tokens after the first (which the prefill produces) over the decode time
+        "decode_tokens_per_s": batch * (n_new - 1) / decode_s if n_new > 1 else float("nan"),
         "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
         "cache_gb": cache_bytes(cache) / 2**30,
     }
-    del out, cache
+    del cache
     return result
 
 
-def try_batch(model, make_cache, batch, prompt_len, gen, image_span) -> dict | None:
+def try_batch(model, make_cache, batch, prompt_len, gen, image_span, chunk: int = 0) -> dict | None:
     """generate_once, or None on CUDA out-of-memory (memory is released before returning)."""
     device = model.device
     result = None
     try:
-        result = generate_once(model, make_cache, batch, prompt_len, gen, image_span)
+        result = generate_once(model, make_cache, batch, prompt_len, gen, image_span, chunk)
     except torch.cuda.OutOfMemoryError:
         result = None  # the exception (and the frames holding tensors) is gone once we leave this block
     free(device)
@@ -259,7 +301,11 @@ def try_batch(model, make_cache, batch, prompt_len, gen, image_span) -> dict | N
 def describe(batch: int, r: dict | None) -> str:
     if r is None:
         return f"  batch {batch}: OOM"
-    return f"  batch {batch}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_gb']:.1f} GB"
+    decode = r.get("decode_tokens_per_s", float("nan"))
+    return (
+        f"  batch {batch}: {r['tokens_per_s']:.0f} tok/s ({decode:.0f} decode), peak {r['peak_gb']:.1f} GB, "
+        f"{r['seconds']:.1f} s"
+    )
 
 
 def bisect_batch(run, best: dict | None, lo: int, hi: int, rel: float, max_runs: int) -> dict | None:
@@ -277,11 +323,13 @@ def bisect_batch(run, best: dict | None, lo: int, hi: int, rel: float, max_runs:
     return best
 
 
-def max_batch_doubling(model, make_cache, prompt_len, gen, image_span, start: int, cap: int, log) -> dict | None:
+def max_batch_doubling(
+    model, make_cache, prompt_len, gen, image_span, start: int, cap: int, log, chunk: int = 0
+) -> dict | None:
     """Largest batch (to within 1/16) that generates without OOM: doubling from ``start``, then bisection."""
 
     def run(b: int) -> dict | None:
-        r = try_batch(model, make_cache, b, prompt_len, gen, image_span)
+        r = try_batch(model, make_cache, b, prompt_len, gen, image_span, chunk)
         log(describe(b, r))
         return r
 
@@ -295,24 +343,26 @@ def max_batch_doubling(model, make_cache, prompt_len, gen, image_span, start: in
     return best
 
 
-def max_batch_extrapolated(model, make_cache, prompt_len, gen, image_span, first: dict, cap: int, log) -> dict | None:
+def max_batch_extrapolated(
+    model, make_cache, prompt_len, gen, image_span, first: dict, cap: int, log, chunk: int = 0, bisect_runs: int = 6
+) -> dict | None:
     """Largest batch that generates without OOM, in few runs (each 7B run at a large batch is costly).
 
     Peak memory is linear in the batch (weights + per-sample cache and activations): fit it on the run at
     ``first['batch']`` and one at twice that, try the batch predicted to fill 97% of the GPU, then bisect
-    between the largest batch that ran and the smallest that did not, to within 3% (at most 6 more runs).
-    Every reported number comes from a batch that ran.
+    between the largest batch that ran and the smallest that did not, to within 3% (at most ``bisect_runs``
+    more runs). Every reported number comes from a batch that ran.
     """
 
     def run(b: int) -> dict | None:
-        r = try_batch(model, make_cache, b, prompt_len, gen, image_span)
+        r = try_batch(model, make_cache, b, prompt_len, gen, image_span, chunk)
         log(describe(b, r))
         return r
 
     b1 = first["batch"]
     second = run(2 * b1)
     if second is None:
-        return max_batch_doubling(model, make_cache, prompt_len, gen, image_span, b1, 2 * b1 - 1, log) or first
+        return max_batch_doubling(model, make_cache, prompt_len, gen, image_span, b1, 2 * b1 - 1, log, chunk) or first
     slope = (second["peak_gb"] - first["peak_gb"]) / b1
     base = first["peak_gb"] - slope * b1
     free_b, _ = torch.cuda.mem_get_info(model.device)
@@ -322,7 +372,16 @@ def max_batch_extrapolated(model, make_cache, prompt_len, gen, image_span, first
     r = run(guess)
     if r is not None:
         return r  # the prediction fits (or hit --max-batch): one step further would exceed the GPU per the fit
-    return bisect_batch(run, second, 2 * b1, guess, 1 / 33, max_runs=6)
+    return bisect_batch(run, second, 2 * b1, guess, 1 / 33, max_runs=bisect_runs)
+
+
+def fused_wanted(mode: str, device: torch.device) -> bool:
+    """--fused auto|on|off -> whether AKVQ decode steps use the fused attention (casp.kv.attention)."""
+    import importlib.util
+
+    if mode == "auto":
+        return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return mode == "on"
 
 
 def efficiency(args, log) -> dict:
@@ -330,6 +389,9 @@ def efficiency(args, log) -> dict:
     shape = dict(layers=2, hidden=256, heads=2, inter=512, vocab=512) if args.cpu_smoke else {}
     model = llava7b_language_model(device, **shape)
     adapter = get_adapter(model)
+    fused = fused_wanted(args.fused, device)
+    if fused:  # "casp_kv" attention: sdpa everywhere except AKVQ decode steps (the fp16 rows run plain sdpa)
+        enable_fused_kv_attention(model)
     image_span = (5, min(5 + args.image_tokens, args.prompt_len))
     methods = {
         "fp16": lambda: DynamicCache(),
@@ -338,21 +400,26 @@ def efficiency(args, log) -> dict:
     fixed_only = set()  # rows measured at the fixed batch, without the (costly) largest-batch search
     if args.small_window:  # what a shorter fp16 window saves on short prompts
         w = args.small_window
-        fixed_only.add(f"akvq-2bit-window{w}")
+        if not args.search_small_window:
+            fixed_only.add(f"akvq-2bit-window{w}")
         methods[f"akvq-2bit-window{w}"] = lambda: AKVQCache(model, AKVQConfig(bits=2, residual=w), adapter)
+    chunk = args.prefill_chunk
     rows = {}
     for name, make in methods.items():
         log(f"{name}: fixed batch {args.batch}")
-        fixed = try_batch(model, make, args.batch, args.prompt_len, args.gen, image_span)
+        fixed = try_batch(model, make, args.batch, args.prompt_len, args.gen, image_span, chunk)
+        log(describe(args.batch, fixed))
         if name in fixed_only:
             rows[name] = {"fixed": fixed, "max": None, "searched": False}
             continue
         log(f"{name}: searching the largest batch")
         if device.type == "cuda" and args.search == "extrapolate" and fixed is not None:
-            top = max_batch_extrapolated(model, make, args.prompt_len, args.gen, image_span, fixed, args.max_batch, log)
+            top = max_batch_extrapolated(
+                model, make, args.prompt_len, args.gen, image_span, fixed, args.max_batch, log, chunk, args.bisect_runs
+            )
         else:
             top = max_batch_doubling(
-                model, make, args.prompt_len, args.gen, image_span, args.batch, args.max_batch, log
+                model, make, args.prompt_len, args.gen, image_span, args.batch, args.max_batch, log, chunk
             )
         rows[name] = {"fixed": fixed, "max": top}
     return {
@@ -364,41 +431,54 @@ def efficiency(args, log) -> dict:
         "gen": args.gen,
         "batch": args.batch,
         "residual": args.residual,
+        "fused": fused,
+        "prefill_chunk": chunk,
         "model": "LLaVA-1.5-7B language model shape, random fp16" if not args.cpu_smoke else "tiny random (smoke)",
         "methods": rows,
     }
 
 
 def efficiency_table(res: dict) -> str:
+    nan = float("nan")
     lines = [
         f"device {res['device']}, torch {res['torch']}, transformers {res['transformers']}; {res['model']}",
         f"prompt {res['prompt_len']} tokens ({res['image_tokens']} image positions), {res['gen']} generated; "
-        f"AKVQ fp16 window {res.get('residual', 128)} tokens",
+        f"AKVQ fp16 window {res.get('residual', 128)} tokens; fused decode attention "
+        f"{'on' if res.get('fused') else 'off'}; prefill "
+        + (f"in chunks of {res['prefill_chunk']} tokens" if res.get("prefill_chunk") else "in one call (generate)"),
+        "tok/s = generated tokens / (prefill + decode) seconds; decode tok/s = tokens after the first / decode seconds",
         "",
         f"| cache | peak GB @ batch {res['batch']} | cache GB @ {res['batch']} | tok/s @ {res['batch']} "
-        "| max batch | peak GB @ max | tok/s @ max |",
-        "|---|---|---|---|---|---|---|",
+        "| max batch | peak GB @ max | cache GB @ max | tok/s @ max | decode tok/s @ max |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res["methods"].items():
         f, m = r["fixed"] or {}, r["max"] or {}
         top = m.get("batch", "OOM" if r.get("searched", True) else "-")
         lines.append(
-            f"| {name} | {f.get('peak_gb', float('nan')):.2f} | {f.get('cache_gb', float('nan')):.3f} "
-            f"| {f.get('tokens_per_s', float('nan')):.0f} | {top} "
-            f"| {m.get('peak_gb', float('nan')):.2f} | {m.get('tokens_per_s', float('nan')):.0f} |"
+            f"| {name} | {f.get('peak_gb', nan):.2f} | {f.get('cache_gb', nan):.3f} "
+            f"| {f.get('tokens_per_s', nan):.0f} | {top} "
+            f"| {m.get('peak_gb', nan):.2f} | {m.get('cache_gb', nan):.2f} | {m.get('tokens_per_s', nan):.0f} "
+            f"| {m.get('decode_tokens_per_s', nan):.0f} |"
         )
-    fp, ak = res["methods"].get("fp16", {}), res["methods"].get("akvq-2bit", {})
-    if fp.get("max") and ak.get("max"):
-        lines.append("")
-        lines.append(
-            f"AKVQ-VL vs fp16: {ak['max']['batch'] / fp['max']['batch']:.2f}x batch, "
-            f"{ak['max']['tokens_per_s'] / fp['max']['tokens_per_s']:.2f}x tokens/s at the max batch"
-        )
-    if fp.get("fixed") and ak.get("fixed"):
-        lines.append(
-            f"peak memory at batch {res['batch']}: {fp['fixed']['peak_gb'] / ak['fixed']['peak_gb']:.2f}x lower; "
-            f"cache alone {fp['fixed']['cache_gb'] / ak['fixed']['cache_gb']:.2f}x smaller"
-        )
+    fp = res["methods"].get("fp16", {})
+    for name, ak in res["methods"].items():
+        if name == "fp16":
+            continue
+        if fp.get("max") and ak.get("max"):
+            a, b = ak["max"], fp["max"]
+            lines.append("")
+            lines.append(
+                f"{name} vs fp16: {a['batch'] / b['batch']:.2f}x batch, {a['tokens_per_s'] / b['tokens_per_s']:.2f}x "
+                f"tokens/s, {a.get('decode_tokens_per_s', nan) / b.get('decode_tokens_per_s', nan):.2f}x decode "
+                "tokens/s at the max batch"
+            )
+        if fp.get("fixed") and ak.get("fixed"):
+            a, b = ak["fixed"], fp["fixed"]
+            lines.append(
+                f"{name} at batch {res['batch']}: peak memory {b['peak_gb'] / a['peak_gb']:.2f}x lower; "
+                f"cache alone {b['cache_gb'] / a['cache_gb']:.2f}x smaller"
+            )
     return "\n".join(lines)
 
 
@@ -543,6 +623,20 @@ def main(argv=None) -> int:
     p.add_argument(
         "--small-window", type=int, default=0, help="--gpu: also measure AKVQ with this fp16 window (fixed batch only)"
     )
+    p.add_argument("--search-small-window", action="store_true", help="--gpu: search the largest batch for it too")
+    p.add_argument(
+        "--fused",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="AKVQ decode attention straight over the packed cache (casp.kv.attention); auto: on for CUDA with triton",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=0,
+        help="--gpu: prefill the prompts this many tokens at a time in a greedy loop (0: one generate call)",
+    )
+    p.add_argument("--bisect-runs", type=int, default=6, help="--gpu: at most this many bisection runs per search")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -550,6 +644,8 @@ def main(argv=None) -> int:
         p.error("choose --gpu, --cpu-smoke, --memory, --ppl-model or --vqa-model")
     if args.gpu and not torch.cuda.is_available():
         p.error("--gpu needs CUDA")
+    if args.prefill_chunk < 0 or args.bisect_runs < 0:
+        p.error("--prefill-chunk and --bisect-runs must be >= 0")
     if args.cpu_smoke:
         args.prompt_len, args.image_tokens, args.gen = min(args.prompt_len, 200), min(args.image_tokens, 150), 8
         args.batch, args.max_batch = 2, min(args.max_batch, 8)

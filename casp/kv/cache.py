@@ -616,11 +616,13 @@ class AKVQLayer(WindowedQuantLayer):
         """Tokens (over all batch rows) held exactly in fp16 outside the recent window."""
         return 0 if self.kept_pos is None else self.kept_pos.shape[0]
 
-    def set_pivots(self, hidden_states: torch.Tensor, k: int, ratio: float) -> None:
-        """Pivot tokens of this layer from its prefill input hidden states [B, T, D]."""
+    def set_pivots(self, hidden_states: torch.Tensor, k: int, ratio: float, extend: bool = False) -> None:
+        """Pivot tokens of this layer from its prefill input hidden states [B, T, D]; ``extend``: the states
+        of the next chunk of a prompt fed in chunks (its pivots are chosen within the chunk, appended)."""
         # Norms a few rows at a time: a full fp32 copy of a large prefill's hidden states is gigabytes.
         norms = torch.cat([h.float().norm(dim=-1) for h in hidden_states.split(8)])  # [B, T]
-        self.pivots = pivot_mask(norms, k, ratio)
+        mask = pivot_mask(norms, k, ratio)
+        self.pivots = torch.cat([self.pivots, mask], dim=1) if extend and self.pivots is not None else mask
 
 
 def _slice_rows(rows: PackedKV, lo: int, hi: int) -> PackedKV:
@@ -737,9 +739,12 @@ class AKVQCache(QuantizedKVCache):
             if cache is None or kwargs.get("past_key_values") is not cache:
                 return None
             layer = cache.layers[index]
-            if layer.get_seq_length() == 0:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                layer.set_pivots(hidden, cache.config.pivots, cache.config.pivot_ratio)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            length = layer.get_seq_length()
+            # the prefill, or the next chunk of a prompt prefilled in chunks (never a decode step)
+            chunk = length > 0 and hidden.shape[1] > 1 and layer.pivots is not None and layer.pivots.shape[1] == length
+            if length == 0 or chunk:
+                layer.set_pivots(hidden, cache.config.pivots, cache.config.pivot_ratio, extend=chunk)
             return None
 
         handles = [model.register_forward_pre_hook(on_model, with_kwargs=True)]
