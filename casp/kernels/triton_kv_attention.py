@@ -40,7 +40,9 @@ import triton
 import triton.language as tl
 
 KERNEL_BITS = (2, 4)
-BLOCK_N = 64
+# Tokens per tile: a [BLOCK_N, D * BITS / 8, 8 / BITS] fp32 tile is 4096 values at D = 128, 32 registers
+# per thread of 4 warps for each live tile (64 tokens would approach the register limit).
+BLOCK_N = 32
 # Aim for about this many programs per call before splitting the sequence (132 SMs x several waves).
 _TARGET_PROGRAMS = 1024
 
@@ -76,13 +78,13 @@ def _packed_decode_kernel(
     stride_ib,
     GQA: tl.constexpr,
     BITS: tl.constexpr,
+    PER: tl.constexpr,  # codes per byte: 8 / BITS
+    CODE_MASK: tl.constexpr,  # 2^BITS - 1
     DB: tl.constexpr,  # bytes per head: D * BITS / 8 (a power of two)
     GROUP_BYTES: tl.constexpr,  # bytes per quantization group: GROUP * BITS / 8
     NG: tl.constexpr,  # groups per head
     BLOCK: tl.constexpr,
 ):
-    PER: tl.constexpr = 8 // BITS
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // num_q_heads
@@ -243,6 +245,8 @@ def packed_decode_partials(
         idx.stride(0),
         GQA=hq // hkv,
         BITS=bits,
+        PER=8 // bits,
+        CODE_MASK=(1 << bits) - 1,
         DB=db,
         GROUP_BYTES=gb,
         NG=ng,

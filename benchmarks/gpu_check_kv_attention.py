@@ -1,0 +1,254 @@
+"""GPU check and timing of the fused decode attention over AKVQ-VL's packed KV cache (casp.kv.attention,
+Triton kernel casp/kernels/triton_kv_attention.py), at LLaVA-1.5-7B shapes: 32 heads, head dim 128.
+
+For each layout (TSA: text 4-bit + image 2-bit classes; PSA: one class + 15 fp16 pivot tokens per row),
+bits (2, 4; at 4 bits every class is 4-bit), batch and sequence length, one AKVQ layer (fp16 window 128,
+block 32, values rotated online) is filled with random fp16 K/V (keys with outlier channels), one decode
+token is appended through the fused path, and the attention of a random query is computed by:
+
+* fused: ``layer_decode_attention(..., use_triton=True)``: Triton kernel per class + fp16 window/pivots
+  in torch + log-sum-exp merge (what decoding runs);
+* reference: the same with ``use_triton=False`` (gather + dequantize in fp32): error ``rel ref``;
+* sdpa-dequant: SDPA over the dequantized cache the torch path builds (``_load_into`` + window):
+  error ``rel sdpa``.
+
+Timings (triton.testing.do_bench: median, L2 flushed between calls, eager launches included):
+``kernel`` the Triton kernel of the largest class alone, with its packed bytes read / time; ``fused``
+the whole fused call; ``torch path`` dequantize the layer's cache into fp16 + SDPA (the old per-step
+cost); ``fp16 sdpa`` SDPA decode over an fp16 cache of the same length (what an fp16 KV cache costs).
+Exit status 1 if any relative error exceeds the tolerance or an output is not finite.
+
+    PYTHONPATH=. python benchmarks/gpu_check_kv_attention.py --out kv_attention_h100.txt [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# Run as a script, this folder leads sys.path and its kernels.py would shadow the `kernels` package that
+# transformers probes: put the repository root there instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from casp.kv import AKVQConfig  # noqa: E402
+from casp.kv.attention import layer_decode_attention  # noqa: E402
+from casp.kv.cache import AKVQLayer  # noqa: E402
+
+HEADS, HEAD_DIM, IMAGE = 32, 128, (5, 581)
+TOL_REF, TOL_SDPA = 2e-3, 1e-2  # fp16 output rounding; + fp16 scores/probabilities inside SDPA
+FULL = [(1, 600), (1, 4096), (16, 600), (16, 2048), (64, 600), (64, 2048), (64, 4096)]
+QUICK = [(1, 600), (16, 2048), (64, 4096)]
+
+
+def build_layer(layout: str, bits: int, batch: int, length: int, kv_heads: int, seed: int, device: str) -> AKVQLayer:
+    """An AKVQ layer holding ``length`` tokens (a prefill of length - 1 and one fused decode step)."""
+    cfg = AKVQConfig(bits=bits, salient_bits=4, residual=128, block=32)
+    layer = AKVQLayer(cfg, layout.lower(), True, HEAD_DIM)
+    g = torch.Generator(device=device).manual_seed(seed)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    image = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    image[:, IMAGE[0] : min(IMAGE[1], length)] = True
+    layer.image_mask = image
+    pivots = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    pivots[:, 0] = True
+    pivots.scatter_(1, torch.randint(1, length - 160, (batch, 14), device=device, generator=g), True)
+    layer.pivots = pivots
+    layer.fused_decode = True
+    shape = (batch, kv_heads, length - 1, HEAD_DIM)
+    k = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    k[..., [3, 77]] *= 8  # outlier channels, as real keys have
+    v = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    layer.update(k, v)
+    del k, v
+    new = torch.randn(2, batch, kv_heads, 1, HEAD_DIM, device=device, dtype=dtype, generator=g)
+    layer.update(new[0], new[1])
+    return layer
+
+
+def dequantized_kv(layer: AKVQLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path's K/V: the store dequantized into fp16, then the window (as update() builds it)."""
+    b, h, w, d = layer.keys.shape
+    s = layer.stored
+    k = layer.keys.new_empty(b, h, s + w, d)
+    v = layer.values.new_empty(b, h, s + w, d)
+    if s:
+        layer._load_into(k[:, :, :s], v[:, :, :s])
+    k[:, :, s:], v[:, :, s:] = layer.keys, layer.values
+    return k, v
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def expand(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def run_case(layout, bits, batch, length, q_heads, kv_heads, bench, device="cuda") -> dict:
+    from triton.testing import do_bench
+
+    from casp.kernels.triton_kv_attention import packed_decode_partials
+
+    scale = HEAD_DIM**-0.5
+    layer = build_layer(layout, bits, batch, length, kv_heads, batch * 7919 + length + bits, device)
+    q = torch.randn(batch, q_heads, 1, HEAD_DIM, device=device, dtype=layer.keys.dtype)
+    fused = layer_decode_attention(layer, q, None, scale, use_triton=True)
+    ref = layer_decode_attention(layer, q, None, scale, use_triton=False)
+    k, v = dequantized_kv(layer)
+    group = q_heads // kv_heads
+    sdpa = F.scaled_dot_product_attention(q, expand(k, group), expand(v, group), scale=scale)
+    row = {
+        "layout": layout,
+        "bits": bits,
+        "batch": batch,
+        "length": length,
+        "heads": f"{q_heads}/{kv_heads}",
+        "rel_ref": rel(fused, ref),
+        "rel_sdpa": rel(fused, sdpa),
+        "finite": bool(torch.isfinite(fused).all()),
+    }
+    del ref
+    if bench:
+        packed, _ = layer.decode_segments()
+        seg = max(packed, key=lambda s: s.k.nbytes)
+        q_rot = (q[:, :, 0] @ layer.hadamard_matrix()).contiguous()
+        idx = seg.idx
+        t_kernel = do_bench(
+            lambda: packed_decode_partials(
+                q_rot,
+                seg.k.codes,
+                seg.k.scale,
+                seg.k.zero,
+                seg.v.codes,
+                seg.v.scale,
+                seg.v.zero,
+                idx,
+                seg.k.bits,
+                scale,
+            ),
+            return_mode="median",
+        )
+        row["kernel_us"] = 1e3 * t_kernel
+        row["kernel_gbs"] = (seg.k.nbytes + seg.v.nbytes + idx.nbytes) / (t_kernel * 1e-3) / 1e9
+        row["fused_us"] = 1e3 * do_bench(lambda: layer_decode_attention(layer, q, None, scale), return_mode="median")
+
+        def torch_path():
+            kk, vv = dequantized_kv(layer)
+            return F.scaled_dot_product_attention(q, expand(kk, group), expand(vv, group), scale=scale)
+
+        del k, v
+        row["torch_us"] = 1e3 * do_bench(torch_path, return_mode="median")
+        shape = (batch, kv_heads, length, HEAD_DIM)
+        k16 = torch.randn(shape, device=device, dtype=torch.float16)
+        v16 = torch.randn(shape, device=device, dtype=torch.float16)
+        row["fp16_us"] = 1e3 * do_bench(
+            lambda: F.scaled_dot_product_attention(q, expand(k16, group), expand(v16, group), scale=scale),
+            return_mode="median",
+        )
+        row["fp16_gbs"] = (k16.nbytes + v16.nbytes) / (row["fp16_us"] * 1e-6) / 1e9
+        row["cache_ratio"] = (k16.nbytes + v16.nbytes) / sum(t.nbytes for t in layer.tensors())
+        del k16, v16
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    nan = float("nan")
+    lines = [
+        "| layout | bits | batch | tokens | heads q/kv | rel ref | rel sdpa | kernel us | kernel GB/s | fused us "
+        "| torch path us | fp16 sdpa us | fp16 GB/s | fp16 / fused | cache fp16 / akvq |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layout']} | {r['bits']} | {r['batch']} | {r['length']} | {r['heads']} | {r['rel_ref']:.1e} "
+            f"| {r['rel_sdpa']:.1e} | {r.get('kernel_us', nan):.0f} | {r.get('kernel_gbs', nan):.0f} "
+            f"| {r.get('fused_us', nan):.0f} | {r.get('torch_us', nan):.0f} | {r.get('fp16_us', nan):.0f} "
+            f"| {r.get('fp16_gbs', nan):.0f} | {r.get('fp16_us', nan) / r.get('fused_us', nan):.2f} "
+            f"| {r.get('cache_ratio', nan):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _patch_interpreter_for_numpy2() -> None:
+    """Triton's interpreter passes scalars as 1-element arrays, which numpy 2 refuses to int() (CPU dry run only)."""
+    import numpy as np
+    import triton.runtime.interpreter as ti
+
+    original = ti._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    ti._patch_lang_tensor = patched
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true", help="3 shapes instead of 7")
+    p.add_argument("--no-bench", action="store_true", help="correctness only")
+    p.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="one small case on CPU (run with TRITON_INTERPRET=1), correctness only",
+    )
+    args = p.parse_args(argv)
+    if args.cpu_dry_run:
+        _patch_interpreter_for_numpy2()
+        row = run_case("PSA", 2, 1, 300, HEADS, HEADS, bench=False, device="cpu")
+        print(row)
+        return 0 if row["rel_ref"] < TOL_REF and row["rel_sdpa"] < TOL_SDPA else 1
+    if not torch.cuda.is_available():
+        p.error("needs CUDA")
+    import triton
+
+    t0 = time.time()
+    head = (
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+        f"LLaVA-1.5-7B KV shape ({HEADS} heads, dim {HEAD_DIM}), fp16 window 128, block 32, 15 pivots/row (PSA)"
+    )
+    print(head, flush=True)
+    rows, failed = [], []
+    cases = [
+        (lay, bits, b, t, HEADS, HEADS)
+        for lay in ("TSA", "PSA")
+        for bits in (2, 4)
+        for b, t in (QUICK if args.quick else FULL)
+    ]
+    cases.append(("PSA", 2, 16, 2048, HEADS, 8))  # grouped-query attention (4 query heads per KV head)
+    for case in cases:
+        row = run_case(*case, bench=not args.no_bench)
+        torch.cuda.empty_cache()
+        rows.append(row)
+        ok = row["finite"] and row["rel_ref"] < TOL_REF and row["rel_sdpa"] < TOL_SDPA
+        if not ok:
+            failed.append(row)
+        print(
+            ("ok  " if ok else "FAIL"),
+            {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()},
+            flush=True,
+        )
+    text = "\n".join(
+        [
+            head,
+            f"# {len(rows)} cases, {len(failed)} failed (tolerances: rel ref {TOL_REF}, rel sdpa {TOL_SDPA}); "
+            f"wall {time.time() - t0:.0f} s",
+            table(rows),
+        ]
+    )
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
