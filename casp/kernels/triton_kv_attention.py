@@ -18,14 +18,14 @@ Design choices:
 * One program per (b, query head, split), 2-D grid [B * Hq, splits]. Under GQA the KV head is
   h // (Hq / Hkv); its codes are read once per query head of the group (from L2 after the first).
   Splits over ``idx`` give parallelism at small batch (flash-decoding); at large batch one split.
-* Unpacking without reshapes: a token's bytes are loaded as a [BLOCK_N, DB] tile (DB = D * BITS / 8,
-  contiguous, vectorized loads) and broadcast against the PER = 8 / BITS code positions of a byte into
-  a [BLOCK_N, DB, PER] tile; channel j * PER + i is element [., j, i], so q and acc use the same
-  [DB, PER] view of the head dimension (a plain contiguous reshape of D).
+* Unpacking in a 2-D [BLOCK_N, D] tile: channel c of a token reads byte c // PER of its packed head
+  (PER = 8 / BITS codes per byte; the PER channels of a byte hit one address, served by L1) and
+  shifts by (c % PER) BITS. A 3-D [BLOCK_N, D / PER, PER] formulation (one load per byte) compiled to
+  230-250 registers per thread (q and acc replicated across the tile's layout) against 72 here.
 * One group per head (NG == 1, LLaVA: D = GROUP = 128): scale and zero are per (token, head) scalars
   and are factored out, s (sum_c q_c c_c - z sum_c q_c) for scores and sum_j (p_j s_j) c_j -
   sum_j p_j s_j z_j for values, so the inner loop is one multiply-add per code. Several groups:
-  scale/zero are gathered per byte column (all codes of a byte share a group) and applied per code.
+  scale/zero are gathered per channel and applied per code.
 * Keys are stored in the rotated (Walsh-Hadamard) basis: the caller passes q H, not q; values are
   consumed as stored (the caller rotates acc back when the cache rotated them online).
 * Masked/empty tiles: scores of skipped slots are -inf; a split with no valid token returns m = -inf,
@@ -40,9 +40,10 @@ import triton
 import triton.language as tl
 
 KERNEL_BITS = (2, 4)
-# Tokens per tile: a [BLOCK_N, D * BITS / 8, 8 / BITS] fp32 tile is 4096 values at D = 128, 32 registers
-# per thread of 4 warps for each live tile (64 tokens would approach the register limit).
-BLOCK_N = 32
+# Tokens per tile and warps per program. Compiled for sm_90 (ptxas, no GPU needed) at D = 128: 16 x 4 uses
+# 72 registers per thread (7 programs per SM), 32 x 4 128, 64 x 8 234; no spills.
+BLOCK_N = 16
+NUM_WARPS = 4
 # Aim for about this many programs per call before splitting the sequence (132 SMs x several waves).
 _TARGET_PROGRAMS = 1024
 
@@ -91,17 +92,17 @@ def _packed_decode_kernel(
     h = pid_bh % num_q_heads
     hk = h // GQA
 
-    offs_j = tl.arange(0, DB)  # byte column
-    offs_i = tl.arange(0, PER)  # code position inside a byte
-    shifts = offs_i * BITS
-    chan = offs_j[:, None] * PER + offs_i[None, :]  # [DB, PER] channel numbers
-    q = tl.load(Q + b * stride_qb + h * stride_qh + chan).to(tl.float32) * sm_scale  # [DB, PER]
-    q_sum = tl.sum(tl.sum(q, axis=1), axis=0)
-    grp = offs_j // GROUP_BYTES  # group of each byte column
+    D: tl.constexpr = DB * PER
+    offs_d = tl.arange(0, D)  # channel
+    byte = offs_d // PER  # its byte in the token's packed head
+    shift = (offs_d % PER) * BITS  # and its bit offset there
+    grp = byte // GROUP_BYTES  # and its quantization group
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * sm_scale  # [D]
+    q_sum = tl.sum(q, axis=0)
 
     m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
     l_i = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-    acc = tl.zeros([DB, PER], tl.float32)
+    acc = tl.zeros([D], tl.float32)
 
     start = pid_s * tokens_per_split
     for n0 in range(0, tokens_per_split, BLOCK):  # a bound that is a plain argument: one loop shape
@@ -111,21 +112,18 @@ def _packed_decode_kernel(
         valid = rows >= 0
         rows64 = tl.where(valid, rows, 0).to(tl.int64)
 
-        kb = tl.load(
-            KC + rows64[:, None] * stride_kc_n + hk * stride_kc_h + offs_j[None, :], mask=valid[:, None], other=0
-        )
-        kc = ((kb.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & CODE_MASK).to(tl.float32)  # [BLOCK, DB, PER]
+        k_ptr = KC + rows64[:, None] * stride_kc_n + hk * stride_kc_h + byte[None, :]
+        kb = tl.load(k_ptr, mask=valid[:, None], other=0)
+        kc = ((kb.to(tl.int32) >> shift[None, :]) & CODE_MASK).to(tl.float32)  # [BLOCK, D] codes
         if NG == 1:
             ks = tl.load(KS + rows64 * stride_ks_n + hk * stride_ks_h, mask=valid, other=0.0).to(tl.float32)
             kz = tl.load(KZ + rows64 * stride_ks_n + hk * stride_ks_h, mask=valid, other=0.0).to(tl.float32)
-            qc = tl.sum(tl.sum(kc * q[None, :, :], axis=2), axis=1)  # [BLOCK]
-            s = ks * (qc - kz * q_sum)
+            s = ks * (tl.sum(kc * q[None, :], axis=1) - kz * q_sum)
         else:
             gofs = rows64[:, None] * stride_ks_n + hk * stride_ks_h + grp[None, :]
-            ks = tl.load(KS + gofs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, DB]
+            ks = tl.load(KS + gofs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
             kz = tl.load(KZ + gofs, mask=valid[:, None], other=0.0).to(tl.float32)
-            k = (kc - kz[:, :, None]) * ks[:, :, None]
-            s = tl.sum(tl.sum(k * q[None, :, :], axis=2), axis=1)
+            s = tl.sum((kc - kz) * ks * q[None, :], axis=1)
         s = tl.where(valid, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -133,21 +131,19 @@ def _packed_decode_kernel(
         alpha = tl.exp(m_i - m_ref)
         p = tl.exp(s - m_ref)  # 0 for skipped slots
 
-        vb = tl.load(
-            VC + rows64[:, None] * stride_vc_n + hk * stride_vc_h + offs_j[None, :], mask=valid[:, None], other=0
-        )
-        vc = ((vb.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & CODE_MASK).to(tl.float32)
+        v_ptr = VC + rows64[:, None] * stride_vc_n + hk * stride_vc_h + byte[None, :]
+        vb = tl.load(v_ptr, mask=valid[:, None], other=0)
+        vc = ((vb.to(tl.int32) >> shift[None, :]) & CODE_MASK).to(tl.float32)
         if NG == 1:
             vs = tl.load(VS + rows64 * stride_vs_n + hk * stride_vs_h, mask=valid, other=0.0).to(tl.float32)
             vz = tl.load(VZ + rows64 * stride_vs_n + hk * stride_vs_h, mask=valid, other=0.0).to(tl.float32)
             ps = p * vs
-            pv = tl.sum(ps[:, None, None] * vc, axis=0) - tl.sum(ps * vz, axis=0)  # [DB, PER]
+            pv = tl.sum(ps[:, None] * vc, axis=0) - tl.sum(ps * vz, axis=0)  # [D]
         else:
             gofs = rows64[:, None] * stride_vs_n + hk * stride_vs_h + grp[None, :]
             vs = tl.load(VS + gofs, mask=valid[:, None], other=0.0).to(tl.float32)
             vz = tl.load(VZ + gofs, mask=valid[:, None], other=0.0).to(tl.float32)
-            v = (vc - vz[:, :, None]) * vs[:, :, None]
-            pv = tl.sum(p[:, None, None] * v, axis=0)
+            pv = tl.sum(p[:, None] * ((vc - vz) * vs), axis=0)
 
         acc = acc * alpha + pv
         l_i = l_i * alpha + tl.sum(p, axis=0)
@@ -156,7 +152,7 @@ def _packed_decode_kernel(
     out = pid_bh * num_splits + pid_s
     tl.store(M_OUT + out, m_i)
     tl.store(L_OUT + out, l_i)
-    tl.store(ACC_OUT + out * (DB * PER) + chan, acc)
+    tl.store(ACC_OUT + out * D + offs_d, acc)
 
 
 def num_splits_for(batch: int, q_heads: int, length: int, block: int = BLOCK_N) -> int:
@@ -178,6 +174,8 @@ def packed_decode_partials(
     bits: int,
     sm_scale: float,
     splits: int | None = None,
+    block: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial attention (m, l, acc) of queries ``q`` [B, Hq, D] over one packed store (module docstring).
 
@@ -198,9 +196,9 @@ def packed_decode_partials(
     if idx.shape[0] != b or idx.dtype != torch.int32:
         raise ValueError(f"idx must be int32 [B={b}, L], got {idx.dtype} {tuple(idx.shape)}")
     length = idx.shape[1]
-    splits = splits or num_splits_for(b, hq, length)
+    splits = splits or num_splits_for(b, hq, length, block)
     per_split = -(-max(1, length) // splits)
-    per_split = -(-per_split // BLOCK_N) * BLOCK_N
+    per_split = -(-per_split // block) * block
     q = q.contiguous()
     idx = idx.contiguous()
     kc, vc = k_codes.reshape(n, hkv, db), v_codes.reshape(n, hkv, db)
@@ -250,7 +248,7 @@ def packed_decode_partials(
         DB=db,
         GROUP_BYTES=gb,
         NG=ng,
-        BLOCK=BLOCK_N,
-        num_warps=4,
+        BLOCK=block,
+        num_warps=num_warps,
     )
     return m, l_sum, acc
