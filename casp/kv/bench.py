@@ -40,7 +40,7 @@ import transformers as tf
 from transformers import DynamicCache
 
 from casp.kv import AKVQCache, AKVQConfig, KIVICache, KIVIConfig, ablation_configs
-from casp.kv.attention import enable_fused_kv_attention
+from casp.kv.attention import enable_fused_kv_attention, uses_fused_kv_attention
 from casp.models import get_adapter
 
 CacheFactory = Callable[[], object]
@@ -392,6 +392,9 @@ def efficiency(args, log) -> dict:
     fused = fused_wanted(args.fused, device)
     if fused:  # "casp_kv" attention: sdpa everywhere except AKVQ decode steps (the fp16 rows run plain sdpa)
         enable_fused_kv_attention(model)
+        # what the caches will see (recorded in the results, not the request)
+        fused = uses_fused_kv_attention(adapter.attention(adapter.decoder_layers(model)[0]))
+        log(f"fused decode attention: {'on' if fused else 'NOT enabled (set_attn_implementation refused casp_kv)'}")
     image_span = (5, min(5 + args.image_tokens, args.prompt_len))
     methods = {
         "fp16": lambda: DynamicCache(),
