@@ -93,7 +93,7 @@ def dense_partial(
     b, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    qg = q.view(b, hkv, g, d).to(k.dtype)
+    qg = q.reshape(b, hkv, g, d).to(k.dtype)
     s = (qg @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, W]
     if valid is not None:
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
