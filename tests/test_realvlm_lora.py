@@ -238,3 +238,16 @@ def test_feature_time_cap_keeps_a_prefix_of_the_scenes():
     all_scenes, all_cells = train_scene_features(model, processor, 7, seed=1, device="cpu", chunk=3)
     assert len(scenes) == 3 and cells.shape[0] == 3 and len(all_scenes) == 7
     assert scenes == all_scenes[:3] and torch.equal(cells, all_cells[:3])
+
+
+def test_eval_writes_every_answer(tmp_path):
+    import json
+
+    from casp.demo.train_realvlm import evaluate_dir
+
+    model, processor = tiny_standin()
+    out = save_realvlm(model, processor, tmp_path / "m", include_parts=True)
+    result = evaluate_dir(out, 6, "cpu", torch.float32, answers=tmp_path / "a.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in rows] == list(world.QUESTION_TYPES)
+    assert np.mean([r["correct"] for r in rows]) == result["exact_match"]["all"]

@@ -263,13 +263,43 @@ def predict(model, processor, adapter, examples, batch: int = 32, max_new_tokens
     return preds
 
 
-def evaluate_dir(path: str | Path, n: int, device: str, dtype: torch.dtype, split: str = "test") -> dict:
-    """Load a saved real-parts VLM and score it on ``n`` held-out questions (types balanced)."""
+def evaluate_dir(
+    path: str | Path,
+    n: int,
+    device: str,
+    dtype: torch.dtype,
+    split: str = "test",
+    answers: Path | None = None,
+) -> dict:
+    """Load a saved real-parts VLM and score it on ``n`` held-out questions (types balanced); with ``answers``,
+    also write one JSON line per question there (type, question, accepted answers, prediction, correct)."""
+    from casp.demo.train import normalize_answer
     from casp.models import load_model
 
     model, processor, adapter = load_model(path, dtype=dtype, device=device)
     examples = heldout_examples(split, n)
-    return timed_score(examples, lambda ex: predict(model, processor, adapter, ex), split, device, dtype)
+    preds: list[str] = []
+
+    def run(exs):
+        preds.extend(predict(model, processor, adapter, exs))
+        return preds
+
+    result = timed_score(examples, run, split, device, dtype)
+    if answers is not None:
+        rows = []
+        for ex, pred in zip(examples, preds):
+            ok = normalize_answer(pred) in {normalize_answer(a) for a in ex.qa.answers}
+            rows.append(
+                {
+                    "type": ex.qa.qtype,
+                    "question": ex.qa.question,
+                    "answers": list(ex.qa.answers),
+                    "prediction": pred,
+                    "correct": ok,
+                }
+            )
+        Path(answers).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
@@ -615,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--eval", type=Path, help="only score this saved real-parts VLM (--final-eval-n questions)"
     )
+    ap.add_argument(
+        "--answers", type=Path, help="with --eval: write every question and prediction (JSONL) here"
+    )
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--batch", type=int, default=TrainConfig.batch)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="projector learning rate")
@@ -676,7 +709,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda requested but CUDA is not available; use --device cpu")
     if args.eval is not None:
         dtype = torch.float16 if args.device == "cuda" else torch.float32
-        print(_dump(evaluate_dir(args.eval, args.final_eval_n, args.device, dtype)), end="")
+        print(
+            _dump(evaluate_dir(args.eval, args.final_eval_n, args.device, dtype, answers=args.answers)),
+            end="",
+        )
         return 0
     if args.out is None:
         ap.error("--out DIR is required to train")
