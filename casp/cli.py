@@ -63,7 +63,7 @@ def cmd_compress(args) -> int:
         max_length=args.max_length, seed=args.seed)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     report = compress(args.model, args.out, cfg, calib=args.calib, device=_device(args.device), dtype=dtype,
-                      resume=args.resume).report
+                      resume=args.resume, sensitivity_cache=args.sensitivity_cache).report
     print(f"compressed {len(report['layers'])} linears to {report['avg_bits_per_original_param']:.3f} bits per "
           f"original parameter ({report['compressed_linear_bytes'] / 1e6:.2f} MB vs "
           f"{report['fp16_linear_bytes'] / 1e6:.2f} MB fp16) in {report['seconds']:.1f}s; wrote {args.out}")
@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype the model is loaded in (default float32)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--sensitivity-cache", default=None, metavar="DIR",
+                   help="keep the per-block sensitivity tables of --alloc optimal here; later runs with the same "
+                   "model, calibration data and settings but other --bits reuse them (the allocation alone then "
+                   "takes seconds)")
     _add_calib_options(p)
     p.set_defaults(func=cmd_compress)
 

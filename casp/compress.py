@@ -16,7 +16,9 @@ continues an interrupted run without redoing finished blocks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -139,12 +141,13 @@ def stats_pass(model, adapter, block_inputs, cfg: CompressionConfig, device) -> 
 # ---- pass 2: sensitivities and the allocation -----------------------------------------------------
 def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: dict | None = None,
                      importance: dict[str, float] | None = None, devices: list[torch.device] | None = None,
-                     cache: Path | None = None, resume: bool = False):
+                     cache: Path | None = None, key: str = ""):
     """Candidate errors/costs of every linear. ``extra``: name -> (W, G) of linears outside the blocks;
     ``importance``: name -> end-to-end weight s_l of that layer's error (1 when missing); ``devices``: where
     the candidate quantizations of a block's linears run (one linear per device at a time; default ``device``);
-    ``cache``: a folder where each block's table is written (``resume``: and read back, so that a run stopped
-    in this pass, the longest at 7B, redoes only the blocks it had not finished)."""
+    ``cache``: a folder where each block's table is written under ``key`` (:func:`sensitivity_key`) and read
+    back by later runs with the same key: a run stopped in this pass (the longest at 7B) redoes only the blocks
+    it had not finished, and runs at other target bits measure nothing again."""
     candidates = candidate_configs(cfg)
     devices = devices or [torch.device(device)]
     names, per_layer, params = [], [], []
@@ -163,19 +166,21 @@ def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: di
         params.extend(W.numel() for _, W, _ in jobs)
 
     def on_block(ctx: BlockContext) -> None:
-        path = None if cache is None else cache / f"sensitivity_{ctx.index:04d}.json"
-        if resume and path is not None and path.is_file():
-            saved = load_sensitivity(path, cfg)
+        full = [f"{adapter.block_prefix(ctx.index)}.{name}" for name in adapter.linear_names]
+        weights = [ctx.block.get_submodule(name).weight.detach() for name in adapter.linear_names]
+        stamp = {"ranks": {n: ranks[n] for n in full if n in ranks}, "weights": _weight_stamp(weights)}
+        path = None if cache is None else cache / f"sensitivity_{key}_{ctx.index:04d}.json"
+        saved = load_sensitivity(path, stamp) if path is not None and path.is_file() else None
+        if saved is not None:
             per_layer.extend(saved["per_layer"])
             names.extend(saved["names"])
             params.extend(saved["params"])
             return
         grams = ctx.grams(adapter.linear_names)
         first = len(names)
-        measure_all([(f"{adapter.block_prefix(ctx.index)}.{name}", ctx.block.get_submodule(name).weight.detach(),
-                      grams[name]) for name in adapter.linear_names])
+        measure_all([(n, W, grams[name]) for n, W, name in zip(full, weights, adapter.linear_names)])
         if path is not None:
-            save_sensitivity(path, cfg, names[first:], params[first:], per_layer[first:])
+            save_sensitivity(path, stamp, names[first:], params[first:], per_layer[first:])
 
     measure_all([(full, W, G) for full, (W, G) in (extra or {}).items()])
     run_layerwise(model, adapter, block_inputs, on_block, device=device, desc="sensitivity")
@@ -195,20 +200,42 @@ def sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra: di
 
 
 # ---- pass 3: compress ----------------------------------------------------------------------------
-def save_sensitivity(path: Path, cfg: CompressionConfig, names: list[str], params: list[int], per_layer) -> None:
-    """One block's candidate table (atomic), tagged with the settings it was measured under."""
-    atomic_write_json(path, {"config": cfg.to_dict(), "names": names, "params": params, "candidates": [
+def sensitivity_key(cfg: CompressionConfig, source: str, inputs: list[dict]) -> str:
+    """What a sensitivity table depends on: the settings except the target bits and the importance weighting
+    (applied after the table), the model's path and the calibration batches. A short hash (file names)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("bits", "importance")}
+    digest = hashlib.sha256(json.dumps({"settings": settings, "source": source}, sort_keys=True).encode())
+    for batch in inputs:
+        for name in sorted(batch):
+            value = batch[name]
+            if isinstance(value, torch.Tensor):
+                digest.update(name.encode())
+                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _weight_stamp(weights: list[torch.Tensor]) -> list[float]:
+    # sum of squares of each weight: a cheap check that a stored table belongs to these weights
+    return [float(W.double().square().sum()) for W in weights]
+
+
+def save_sensitivity(path: Path, stamp: dict, names: list[str], params: list[int], per_layer) -> None:
+    """One block's candidate table (atomic), with the ranks and weight stamp it was measured with."""
+    atomic_write_json(path, {**stamp, "names": names, "params": params, "candidates": [
         [{"config": c.config.to_dict(), "error": c.error, "storage_bits": c.storage_bits} for c in layer]
         for layer in per_layer]})
 
 
-def load_sensitivity(path: Path, cfg: CompressionConfig) -> dict:
-    """The table written by :func:`save_sensitivity`; a ValueError if it was measured under other settings."""
+def load_sensitivity(path: Path, stamp: dict) -> dict | None:
+    """The table written by :func:`save_sensitivity`, or None when it was measured with other ranks or weights
+    (the block is then measured again)."""
     from casp.quant import config_from_dict
 
-    saved = json.loads(path.read_text())
-    if saved["config"] != cfg.to_dict():
-        raise ValueError(f"--resume: {path} was measured with different settings; use the same options or a new --out")
+    saved = json.loads(path.read_text())  # written atomically: complete or absent
+    same_weights = len(saved.get("weights", [])) == len(stamp["weights"]) and all(
+        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved["weights"], stamp["weights"]))
+    if saved.get("ranks") != stamp["ranks"] or not same_weights:
+        return None
     per_layer = [[Candidate(config_from_dict(c["config"]), c["error"], c["storage_bits"]) for c in layer]
                  for layer in saved["candidates"]]
     return {"names": saved["names"], "params": saved["params"], "per_layer": per_layer}
@@ -282,8 +309,12 @@ def compress(
     device: str | list[str] = "cpu",
     dtype: torch.dtype = torch.float32,
     resume: bool = False,
+    sensitivity_cache: str | Path | None = None,
 ) -> CompressionResult:
-    """Compress the model in ``model_dir`` into ``out_dir``; returns the compressed model and the report."""
+    """Compress the model in ``model_dir`` into ``out_dir``; returns the compressed model and the report.
+
+    ``sensitivity_cache``: a folder of per-block sensitivity tables shared between runs (see
+    :func:`compress_model`)."""
     needs_data = cfg.quantizer != "rtn" or cfg.method == "casp" or cfg.alloc == "optimal"
     if needs_data and calib is None:
         raise ValueError(f"--calib is required for --quantizer {cfg.quantizer} / --method {cfg.method} / "
@@ -295,7 +326,7 @@ def compress(
     if not inputs:  # data-free RTN still walks the blocks once; one text sample drives it
         inputs = [dict(adapter.build_inputs(processor, ["calibration"], None))]
     return compress_model(model, adapter, inputs, out_dir, cfg, processor=processor, device=device, resume=resume,
-                          source=str(model_dir))
+                          source=str(model_dir), sensitivity_cache=sensitivity_cache)
 
 
 def compress_model(
@@ -308,6 +339,7 @@ def compress_model(
     device: str | list[str] = "cpu",
     resume: bool = False,
     source: str = "",
+    sensitivity_cache: str | Path | None = None,
 ) -> CompressionResult:
     """Compress an already loaded model (kept on CPU; blocks visit ``device`` one at a time).
 
@@ -316,6 +348,10 @@ def compress_model(
 
     ``inputs``: calibration batches ready for ``model(**batch)``. For --method casp the model must use eager
     attention (attention maps are measured).
+
+    ``sensitivity_cache``: where the sensitivity pass keeps its per-block tables (default: inside ``out_dir``,
+    removed when the run finishes). A folder shared between runs lets a run at another target bits (same model,
+    calibration data and other settings) skip the measurement: the allocation is then a few seconds.
     """
     from casp.formats.checkpoint import load_block, save_block, save_compressed
 
@@ -332,7 +368,9 @@ def compress_model(
                              "use the same options or a new --out")
         plan = Plan(**saved["plan"])
     else:
-        plan = make_plan(model, adapter, inputs, cfg, device, devices, cache=partial, resume=resume)
+        cache = Path(sensitivity_cache) if sensitivity_cache is not None else partial
+        key = sensitivity_key(cfg, source, inputs)
+        plan = make_plan(model, adapter, inputs, cfg, device, devices, cache=cache, key=key)
         atomic_write_json(plan_path, {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
 
     t_compress = time.time()
@@ -369,7 +407,7 @@ class CompressionResult:
 
 
 def make_plan(model, adapter, inputs, cfg: CompressionConfig, device, devices: list | None = None,
-              cache: Path | None = None, resume: bool = False) -> Plan:
+              cache: Path | None = None, key: str = "") -> Plan:
     seconds: dict[str, float] = {}
     clock = time.time()
 
@@ -391,7 +429,7 @@ def make_plan(model, adapter, inputs, cfg: CompressionConfig, device, devices: l
             importance = fisher_importance(model, inputs, names, adapter.image_token_id(model.config), device)
             lap("fisher")
         configs, allocation = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device, extra, importance,
-                                               devices, cache=cache, resume=resume)
+                                               devices, cache=cache, key=key)
         lap("sensitivity")
     else:
         qcfg = base_quant_config(cfg).to_dict()

@@ -189,8 +189,8 @@ def test_resume_inside_the_sensitivity_pass(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "layer_sensitivity", counting)
     with pytest.raises(RuntimeError, match="injected"):
         compress(setup["llama"], out, cfg, calib=setup["calib"])
-    assert (out / pipeline.PARTIAL / "sensitivity_0000.json").is_file()
-    assert not (out / pipeline.PARTIAL / "sensitivity_0001.json").exists()
+    assert len(list((out / pipeline.PARTIAL).glob("sensitivity_*_0000.json"))) == 1
+    assert not list((out / pipeline.PARTIAL).glob("sensitivity_*_0001.json"))
     first = list(measured)
     measured.clear()
     fail["after"] = None
@@ -199,9 +199,41 @@ def test_resume_inside_the_sensitivity_pass(setup, tmp_path, monkeypatch):
     assert len(first) == 7 and len(measured) == 7 * (blocks - 1)  # block 0 came from disk
     fresh = compress(setup["llama"], tmp_path / "fresh", cfg, calib=setup["calib"])
     assert resumed.report["allocation"] == fresh.report["allocation"]
-    other = CompressionConfig(quantizer="gptq", bits=3.0, alloc="optimal", samples=3)
-    (out / pipeline.PARTIAL).mkdir(exist_ok=True)
-    stale = {"config": cfg.to_dict(), "names": [], "params": [], "candidates": []}  # measured under cfg
-    (out / pipeline.PARTIAL / "sensitivity_0000.json").write_text(json.dumps(stale))
-    with pytest.raises(ValueError, match="different settings"):
-        compress(setup["llama"], out, other, calib=setup["calib"], resume=True)
+
+
+def test_shared_sensitivity_cache_serves_other_targets_not_other_settings(setup, tmp_path, monkeypatch):
+    """Tables in a shared --sensitivity-cache are reused at another target bits (same allocation as measuring
+    afresh), but not by a run with other settings, other calibration data or other weights."""
+    shared = tmp_path / "shared"
+    real = pipeline.layer_sensitivity
+    measured: list[tuple] = []
+
+    def counting(W, G, candidates, quantize_fn, quantize_many=None):
+        measured.append(tuple(W.shape))
+        return real(W, G, candidates, quantize_fn, quantize_many)
+
+    monkeypatch.setattr(pipeline, "layer_sensitivity", counting)
+    at = {b: CompressionConfig(quantizer="gptq", bits=b, alloc="optimal", samples=3) for b in (2.5, 3.0)}
+    compress(setup["llama"], tmp_path / "a", at[2.5], calib=setup["calib"], sensitivity_cache=shared)
+    first = len(measured)
+    assert first > 0 and len(list(shared.glob("sensitivity_*.json"))) > 0
+    reused = compress(setup["llama"], tmp_path / "b", at[3.0], calib=setup["calib"], sensitivity_cache=shared)
+    assert len(measured) == first  # nothing measured again
+    fresh = compress(setup["llama"], tmp_path / "c", at[3.0], calib=setup["calib"])
+    assert len(measured) == 2 * first
+    assert reused.report["allocation"] == fresh.report["allocation"]
+    other = CompressionConfig(quantizer="gptq", bits=3.0, alloc="optimal", samples=3, candidate_bits=(2, 4, 8))
+    compress(setup["llama"], tmp_path / "d", other, calib=setup["calib"], sensitivity_cache=shared)
+    assert len(measured) == 3 * first  # other settings: other key, measured
+    text = write_calibration(tmp_path / "text", n=4, with_images=False)
+    compress(setup["llama"], tmp_path / "e", at[3.0], calib=text, sensitivity_cache=shared)
+    assert len(measured) == 4 * first  # same settings, other calibration batches: measured
+
+
+def test_sensitivity_table_of_other_weights_is_not_used(tmp_path):
+    stamp = {"ranks": {}, "weights": pipeline._weight_stamp([torch.ones(2, 2)])}
+    path = tmp_path / "t.json"
+    pipeline.save_sensitivity(path, stamp, ["l"], [4], [[]])
+    assert pipeline.load_sensitivity(path, stamp)["names"] == ["l"]
+    assert pipeline.load_sensitivity(path, {**stamp, "weights": pipeline._weight_stamp([2 * torch.ones(2, 2)])}) is None
+    assert pipeline.load_sensitivity(path, {**stamp, "ranks": {"l": 1}}) is None
