@@ -40,9 +40,13 @@ def generate(model, processor, adapter, prompts: list[str], images: list | None 
 
 def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_tokens: int = 32,
                       device: str = "cpu", kv: str = "fp16") -> str:
+    from casp.kernels import triton_available
+    from casp.kv.attention import enable_fused_kv_attention
     from casp.kv.methods import make_cache
 
     model, processor, adapter = load_model(model_dir, device=device)
     images = [open_image(image)] if image else None
+    if kv == "akvq" and next(model.parameters()).is_cuda and triton_available():
+        enable_fused_kv_attention(model)  # decode steps attend over the packed cache in one Triton kernel
     cache = make_cache(kv, model, adapter, model_dir=model_dir)  # None for fp16: generate's own cache
     return generate(model, processor, adapter, [prompt], images, max_new_tokens, cache)[0]

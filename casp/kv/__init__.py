@@ -3,8 +3,12 @@
 from casp.kv import AKVQCache, AKVQConfig, KVSaliencyProfile
 cache = AKVQCache(model, AKVQConfig(bits=2, profile=KVSaliencyProfile.load(model_dir)))
 model.generate(**inputs, past_key_values=cache)
+
+On a GPU, ``enable_fused_kv_attention(model)`` before building the cache makes decode steps attend over the
+packed 2/4-bit cache in one Triton kernel instead of dequantizing it (``casp generate --kv akvq`` does this).
 """
 
+from casp.kv.attention import enable_fused_kv_attention
 from casp.kv.cache import AKVQCache, AKVQConfig, AKVQLayer, QuantizedKVCache, ablation_configs
 from casp.kv.kivi import KIVICache, KIVIConfig, KIVILayer, UniformKVCache
 from casp.kv.methods import KV_METHODS, analyze, load_profile, make_cache
@@ -42,6 +46,7 @@ __all__ = [
     "analyze",
     "dequantize",
     "dequantize_per_channel",
+    "enable_fused_kv_attention",
     "detect_patterns",
     "find_pivot_tokens",
     "fold_value_rotation",
