@@ -1,6 +1,8 @@
 """LoRA updates of the real-parts VLM's language model (trained by hooks, stored as factors beside the projector,
 merged into the fetched weights at load), the question mix, and the feature pipeline; tiny random stand-in."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -198,6 +200,11 @@ def test_mix_weights_choose_turn_types():
     for row, qa in zip(batch["input_ids"].tolist(), turns):
         ids = encoder.conversation([qa])[0]
         assert row[: len(ids)] == ids
+    # mc_answer="text": the same questions, answered with the option's text (the world accepts both)
+    text = conversation_batch(encoder, scenes, np.random.default_rng(0), 1, 0, mix, mc_answer="text")
+    for row, labels, qa in zip(text["input_ids"].tolist(), text["labels"].tolist(), turns):
+        ids, y = encoder.conversation([dataclasses.replace(qa, answer=qa.answers[1])])
+        assert row[: len(ids)] == ids and labels[: len(y)] == y
 
 
 def test_config_rejects_bad_settings():
@@ -209,6 +216,8 @@ def test_config_rejects_bad_settings():
         TrainConfig(mix=(("colour", 1.0),))
     with pytest.raises(ValueError, match="lora_rank"):
         TrainConfig(lora_rank=-1)
+    with pytest.raises(ValueError, match="mc_answer"):
+        TrainConfig(mc_answer="word")
     with pytest.raises(ValueError, match="name=weight"):
         parse_mix("mc:2")
 

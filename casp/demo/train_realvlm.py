@@ -1,6 +1,6 @@
 """Train the real-parts VLM: its projector and, optionally, LoRA updates of the language model.
 
-    python -m casp.demo.train_realvlm --out DIR --device cuda [--scenes 120000 --workers 15] [--lora-rank 8]
+    python -m casp.demo.train_realvlm --out DIR --device cuda [--scenes 100000 --workers 15] [--lora-rank 8]
         [--init-from DIR] [--max-minutes 6.5]
 
 The pretrained parts come from ``fetch_parts()`` (EfficientNet-Lite0 and SmolLM2-135M-Instruct, cached
@@ -118,16 +118,25 @@ def conversation_batch(
     max_turns: int,
     min_text_tokens: int,
     mix: dict[str, float] = world.TRAIN_MIX,
+    mc_answer: str = "letter",
 ) -> dict[str, torch.Tensor]:
     """Right-padded (input_ids, labels) of one conversation per scene, turns of types drawn with weights
     ``mix``; turns are added until the text reaches ``min_text_tokens`` or ``max_turns`` (similar lengths,
-    little padding)."""
+    little padding). ``mc_answer="text"``: multiple-choice targets are the option's text, not its letter
+    (the world accepts both)."""
+
+    def turn(scene):
+        qa = world.make_turn(scene, rng, mix)
+        return (
+            dataclasses.replace(qa, answer=qa.answers[1]) if mc_answer == "text" and qa.qtype == "mc" else qa
+        )
+
     ids, labels = [], []
     for scene in scenes:
-        turns = [world.make_turn(scene, rng, mix)]
+        turns = [turn(scene)]
         x, y = encoder.conversation(turns)
         while len(turns) < max_turns and len(x) - encoder.num_image_tokens < min_text_tokens:
-            turns.append(world.make_turn(scene, rng, mix))
+            turns.append(turn(scene))
             x, y = encoder.conversation(turns)
         ids.append(x)
         labels.append(y)
@@ -398,15 +407,18 @@ class TrainConfig:
     lr: float = 1e-3  # projector
     lora_rank: int = 8  # 0: projector only
     lora_alpha: float = 16.0
-    lora_lr: float = 3e-4
+    lora_lr: float = 5e-4
     lora_targets: tuple[str, ...] = LORA_TARGETS
     min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.0
-    scenes: int = 120000
+    scenes: int = 100000
     max_turns: int = 6
     min_text_tokens: int = 60
     mix: tuple[tuple[str, float], ...] = tuple(REALVLM_MIX.items())
+    mc_answer: str = (
+        "letter"  # "text": train multiple choice to answer with the option's text (also accepted)
+    )
     max_minutes: float = 0.0  # 0 = no time cap
     max_feature_minutes: float = 0.0  # 0 = cache all scenes
     eval_every: int = 300
@@ -433,6 +445,8 @@ class TrainConfig:
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join(LORA_TARGETS)}")
+        if self.mc_answer not in ("letter", "text"):
+            raise ValueError(f"mc_answer must be 'letter' or 'text', got {self.mc_answer!r}")
         kinds = (*world.QUESTION_TYPES, "caption")
         if any(k not in kinds or w < 0 for k, w in self.mix) or sum(w for _, w in self.mix) <= 0:
             raise ValueError(
@@ -667,6 +681,12 @@ def main(argv: list[str] | None = None) -> int:
         help="turn-type weights, e.g. color=1,mc=2.4,caption=0.4 (unnamed types: 0)",
     )
     ap.add_argument(
+        "--mc-answer",
+        choices=["letter", "text"],
+        default=TrainConfig.mc_answer,
+        help="multiple-choice training target: the option's letter (as asked) or its text (also accepted)",
+    )
+    ap.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -726,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             lora_lr=args.lora_lr,
             lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
             mix=parse_mix(args.mix),
+            mc_answer=args.mc_answer,
             init_from=str(args.init_from) if args.init_from else None,
             max_feature_minutes=args.max_feature_minutes,
             warmup=args.warmup,
