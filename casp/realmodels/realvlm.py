@@ -13,9 +13,12 @@ activation whose channels differ in scale by an order of magnitude; it keeps pro
 ``RealPartsVLM`` is a transformers ``PreTrainedModel`` + ``GenerationMixin`` (config ``model_type
 "casp_realvlm"``, registered with AutoConfig / AutoModelForImageTextToText on import), so generate, caches,
 ``save_pretrained`` and casp's adapters work as for any VLM. The project trains and commits only the
-projector: ``save_realvlm(..., include_parts=False)`` writes a directory whose ``model.safetensors`` holds the
-projector alone and whose config says the frozen parts come from :func:`fetch_parts`; ``load_realvlm`` fills
-them in from the local cache (fetching them on first use).
+projector and, optionally, low-rank (LoRA) updates of the language model: ``save_realvlm(...,
+include_parts=False)`` writes a directory whose ``model.safetensors`` holds the projector and the updates'
+factors (``lora.<module>.A`` / ``.B``, fp16) and whose config says the frozen parts come from
+:func:`fetch_parts`; ``load_realvlm`` fills them in from the local cache (fetching them on first use) and
+merges W + B A into the language model's weights before building it, so everything downstream (eval,
+compress, generate) sees a plain LlamaForCausalLM.
 """
 
 from __future__ import annotations
