@@ -103,8 +103,12 @@ def method_grid(methods, quantizers, targets, samples) -> list[tuple[str, Compre
 def evaluate_loaded(model, processor, adapter, data: dict[str, Path], batch: int) -> dict:
     from casp.eval.evaluate import run_task
 
-    vqa = run_task(f"vqa:{data['vqa']}", model, processor, adapter, batch_size=batch, max_new_tokens=10)
-    cap = run_task(f"caption:{data['captions']}", model, processor, adapter, batch_size=batch)
+    # The prompts the model was trained on: the bare question (no LLaVA-style "answer in a word" suffix) and the
+    # world's caption instruction, as the demo scores its model (casp.demo.run.score_model).
+    vqa = run_task(f"vqa:{data['vqa']}", model, processor, adapter, batch_size=batch, max_new_tokens=10,
+                   prompt_suffix="")
+    cap = run_task(f"caption:{data['captions']}", model, processor, adapter, batch_size=batch,
+                   caption_prompt=world.CAPTION_PROMPTS[0])
     return {
         "vqa_exact_match": vqa["exact_match"],
         "vqa_accuracy": vqa["vqa_accuracy"],

@@ -119,6 +119,7 @@ def answer_accuracy(
             rows = data[start : start + batch_size]
             images = [r.get("image") for r in rows]
             inputs = adapter.build_inputs(processor, [r["question"] for r in rows], None if None in images else images)
+            inputs = inputs.to(next(model.parameters()).device)
             cache = make()
             out = model.generate(
                 **inputs,

@@ -646,9 +646,13 @@ def _fresh_projector(config: RealVLMConfig, seed: int) -> dict[str, torch.Tensor
 
 def _generation_config(config: RealVLMConfig, processor: RealVLMProcessor) -> GenerationConfig:
     tok = processor.tokenizer
+    # A chat turn ends at <|im_end|>; SmolLM2's GGUF tokenizer names <|im_start|> as its eos, so without this an
+    # answer runs on into the next turn ("B<|im_end|>system...").
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    eos = [end, tok.eos_token_id] if end is not None and end != tok.unk_token_id else tok.eos_token_id
     return GenerationConfig(
         bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=eos,
         pad_token_id=tok.pad_token_id,
         suppress_tokens=[processor.image_token_id],
     )
