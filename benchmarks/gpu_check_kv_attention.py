@@ -119,38 +119,12 @@ def run_case(layout, bits, batch, length, q_heads, kv_heads, bench, device="cuda
         seg = max(packed, key=lambda s: s.k.nbytes)
         q_rot = (q[:, :, 0] @ layer.hadamard_matrix()).contiguous()
         idx = seg.idx
-        t_kernel = do_bench(
-            lambda: packed_decode_partials(
-                q_rot,
-                seg.k.codes,
-                seg.k.scale,
-                seg.k.zero,
-                seg.v.codes,
-                seg.v.scale,
-                seg.v.zero,
-                idx,
-                seg.k.bits,
-                scale,
-            ),
-            return_mode="median",
-        )
+        pk, pv = seg.k, seg.v
+        args = (q_rot, pk.codes, pk.scale, pk.zero, pv.codes, pv.scale, pv.zero, idx, pk.bits, scale)
+        t_kernel = do_bench(lambda: packed_decode_partials(*args), return_mode="median")
         row["kernel_us"] = 1e3 * t_kernel
-        row["kernel32_us"] = 1e3 * do_bench(  # the other tile shape that compiles without spills
-            lambda: packed_decode_partials(
-                q_rot,
-                seg.k.codes,
-                seg.k.scale,
-                seg.k.zero,
-                seg.v.codes,
-                seg.v.scale,
-                seg.v.zero,
-                idx,
-                seg.k.bits,
-                scale,
-                block=32,
-            ),
-            return_mode="median",
-        )
+        # the other tile shape that compiles without spills
+        row["kernel32_us"] = 1e3 * do_bench(lambda: packed_decode_partials(*args, block=32), return_mode="median")
         row["kernel_gbs"] = (seg.k.nbytes + seg.v.nbytes + idx.nbytes) / (t_kernel * 1e-3) / 1e9
         row["fused_us"] = 1e3 * do_bench(lambda: layer_decode_attention(layer, q, None, scale), return_mode="median")
 
