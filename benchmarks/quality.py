@@ -347,14 +347,14 @@ def evaluate(model: nn.Module, ids: torch.Tensor, args) -> dict:
 
 
 # ---- CASP plans shared across targets ----------------------------------------------------------------
-def casp_table(model, adapter, inputs, cfg: CompressionConfig, path: Path) -> dict:
+def casp_table(model, adapter, inputs, cfg: CompressionConfig, path: Path, device: str = "cpu") -> dict:
     """Ranks, attention stats and the candidate (error, bits) table of every linear; cached in ``path``."""
     if path.is_file():
         return json.loads(path.read_text())
     t0 = time.time()
-    block_inputs = capture_block_inputs(model, adapter, inputs, "cpu")
-    ranks, attention = stats_pass(model, adapter, block_inputs, cfg, "cpu") if cfg.method == "casp" else ({}, [])
-    _, summary = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, "cpu")
+    block_inputs = capture_block_inputs(model, adapter, inputs, device)
+    ranks, attention = stats_pass(model, adapter, block_inputs, cfg, device) if cfg.method == "casp" else ({}, [])
+    _, summary = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device)
     labels = [c.label() for c in candidate_configs(cfg)]
     cands = summary["candidates"]
     for name, rows in cands.items():  # the allocator's options are candidate_configs(cfg), in order
@@ -442,7 +442,7 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
     table_seconds = 0.0
     if planned:
         key = f"{cfg.method}-{cfg.quantizer}-{'-'.join(map(str, cfg.candidate_bits))}-{args.samples}x{args.max_length}"
-        data = casp_table(model, adapter, calib, cfg, args.work / "plans" / f"{key}.json")
+        data = casp_table(model, adapter, calib, cfg, args.work / "plans" / f"{key}.json", args.device)
         table_seconds = data["seconds"]
         importance = None
         if cfg.importance == "fisher":
@@ -454,7 +454,8 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
         plan = plan_for_target(data, cfg, importance)
         atomic_write_json(out_dir / PARTIAL / "plan.json", {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)})
     result = compress_model(
-        model, adapter, calib, out_dir, cfg, processor=processor, resume=planned, source=str(model_dir)
+        model, adapter, calib, out_dir, cfg, processor=processor, resume=planned, source=str(model_dir),
+        device=args.device,
     )
     report = result.report
     compress_seconds = time.time() - t0
@@ -465,6 +466,7 @@ def run_one(run: Run, model_dir: Path, inputs: list[dict], test_ids: torch.Tenso
         histogram[layer["config"]] = histogram.get(layer["config"], 0) + 1
     lowrank = [layer for layer in layers if layer.get("rank")]
     return {
+        "device": args.device,
         "id": run.id,
         "method": run.method,
         "level": run.level,
@@ -807,6 +809,8 @@ def parse_args(argv=None):
     p.add_argument("--stride", type=int, default=448)
     p.add_argument("--samples", type=int, default=64, help="calibration windows")
     p.add_argument("--max-length", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--device", default="cpu", help="where blocks are calibrated and quantized (cuda: a GPU; the "
+                   "model stays on the CPU, perplexity is scored on the CPU)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--out", type=Path, default=RESULTS / "quality_smollm2", help="results stem (.md/.json/.png)")
     p.add_argument("--work", type=Path, default=WORK, help="checkpoints and sensitivity tables")
@@ -851,7 +855,7 @@ def main(argv=None) -> None:
         "samples": args.samples,
         "max_length": args.max_length,
         "machine": f"CPU, torch {torch.__version__}, {args.threads} thread(s); 2-core machine shared with "
-        "other jobs, so seconds are noisy",
+        "other jobs, so seconds are noisy (runs compressed on a GPU with --device say so in the JSON: 'device')",
     }
     stem = args.out
     json_path = stem.with_suffix(".json")
