@@ -44,6 +44,9 @@ from casp.errors import CaspError  # noqa: E402
 QUANTIZERS = ("rtn", "gptq", "aqlm", "quip")
 TARGETS = ("2.0", "2.25", "3", "4")
 METHODS = ("plain", "casp")
+# AQLM's search settings (greedy codes, few alternations), as benchmarks/quality.py uses them: AQLM at 3 bits
+# (2x12 codebooks of 4096 codewords) for every layer is otherwise the slowest part of the grid by far.
+AQLM_OPTIONS = {"beam_size": 1, "max_iters": 3, "kmeans_iters": 5, "cg_iters": 10}
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -61,7 +64,9 @@ def make_data(root: Path, n_vqa: int, n_captions: int, n_calib: int) -> dict[str
 # ---- method grid -----------------------------------------------------------------------------------
 
 
-def method_config(method: str, quantizer: str, target: str, samples: int) -> CompressionConfig:
+def method_config(
+    method: str, quantizer: str, target: str, samples: int, aqlm_options: dict | None = None
+) -> CompressionConfig:
     """The compression recipe nearest to ``target`` bits per weight (overheads counted by the driver).
 
     plain RTN/GPTQ: 2.0 -> 2-bit, one group of 576 (SmolLM2's hidden size; ~2.06 bits), 2.25 -> 2-bit g128
@@ -71,6 +76,8 @@ def method_config(method: str, quantizer: str, target: str, samples: int) -> Com
     (RTN/GPTQ with group 128, or 576 at 2.0 where group-128 scales alone would exceed the budget).
     """
     common = {"samples": samples, "max_length": 512}
+    if quantizer == "aqlm":
+        common["quant_options"] = dict(AQLM_OPTIONS if aqlm_options is None else aqlm_options)
     bits = 4.25 if target == "4" else float(target)  # "4": the budget of plain 4-bit g128 (~4.27 with overheads)
     if method == "casp":
         if quantizer in ("rtn", "gptq"):  # at 2.0, g128's scales alone (0.25-0.28 bits) exceed the budget
@@ -82,13 +89,13 @@ def method_config(method: str, quantizer: str, target: str, samples: int) -> Com
     return CompressionConfig(quantizer=quantizer, bits=round(bits), **common)
 
 
-def method_grid(methods, quantizers, targets, samples) -> list[tuple[str, CompressionConfig]]:
+def method_grid(methods, quantizers, targets, samples, aqlm_options=None) -> list[tuple[str, CompressionConfig]]:
     """(label, config) per run; recipes that coincide (plain AQLM at 2.0 and 2.25) run once."""
     grid, seen = [], set()
     for method in methods:
         for quantizer in quantizers:
             for target in targets:
-                cfg = method_config(method, quantizer, target, samples)
+                cfg = method_config(method, quantizer, target, samples, aqlm_options)
                 key = json.dumps(cfg.to_dict(), sort_keys=True)
                 if key in seen:
                     continue
@@ -105,10 +112,17 @@ def evaluate_loaded(model, processor, adapter, data: dict[str, Path], batch: int
 
     # The prompts the model was trained on: the bare question (no LLaVA-style "answer in a word" suffix) and the
     # world's caption instruction, as the demo scores its model (casp.demo.run.score_model).
-    vqa = run_task(f"vqa:{data['vqa']}", model, processor, adapter, batch_size=batch, max_new_tokens=10,
-                   prompt_suffix="")
-    cap = run_task(f"caption:{data['captions']}", model, processor, adapter, batch_size=batch,
-                   caption_prompt=world.CAPTION_PROMPTS[0])
+    vqa = run_task(
+        f"vqa:{data['vqa']}", model, processor, adapter, batch_size=batch, max_new_tokens=10, prompt_suffix=""
+    )
+    cap = run_task(
+        f"caption:{data['captions']}",
+        model,
+        processor,
+        adapter,
+        batch_size=batch,
+        caption_prompt=world.CAPTION_PROMPTS[0],
+    )
     return {
         "vqa_exact_match": vqa["exact_match"],
         "vqa_accuracy": vqa["vqa_accuracy"],
@@ -315,6 +329,16 @@ def run(args) -> dict:
         "args": {k: str(v) for k, v in vars(args).items()},
         "rows": [],
     }
+    # Resume: rows (and the analysis / KV sections) of an earlier run into the same --out are kept and not redone,
+    # unless they failed or --force is given.
+    previous = out / "results.json"
+    if previous.is_file() and not args.force:
+        old = json.loads(previous.read_text())
+        results["rows"] = [r for r in old.get("rows", []) if "error" not in r]
+        for section in ("analysis", "kv_ablation"):
+            if section in old:
+                results[section] = old[section]
+    done = {r["name"] for r in results["rows"]}
     if torch.cuda.is_available() and args.device == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
 
@@ -322,28 +346,36 @@ def run(args) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         (out / "table.md").write_text(table(results))
 
-    if not args.skip_fp16:
+    fp16_name = "fp16" if args.device == "cuda" else "fp32 (cpu)"
+    if not args.skip_fp16 and fp16_name not in done:
         t0 = time.time()
-        row = {"name": "fp16" if args.device == "cuda" else "fp32 (cpu)", "avg_bits": None}
+        row = {"name": fp16_name, "avg_bits": None}
         row.update(evaluate_dir(args.model, data, args.device, args.batch))
         row["eval_seconds"] = round(time.time() - t0, 1)
         results["rows"].append(row)
         save()
-    if not args.skip_analysis:
+    if not args.skip_analysis and "analysis" not in results:
         results["analysis"] = analysis(args.model, data, args.device, min(args.calib_samples, 16), out)
         save()
-    if not args.skip_kv:
+    if not args.skip_kv and "kv_ablation" not in results:
         profile = results.get("analysis", {}).get("kv_profile")
         results["kv_ablation"] = kv_ablation(
             args.model, data, args.device, args.kv_n, profile, args.batch, args.kv_residual
         )
         save()
-    for name, cfg in method_grid(args.methods, args.quantizers, args.bits, args.calib_samples):
+    sensitivity = args.sensitivity_cache or out / "sensitivity"
+    for name, cfg in method_grid(args.methods, args.quantizers, args.bits, args.calib_samples, args.aqlm_options):
+        if name in done:
+            print(f"{name}: done in {previous}, kept", flush=True)
+            continue
+        print(f"{name}: compressing", flush=True)
         target = out / "models" / name.replace(" @", "_").replace("+", "_")
         row = {"name": name, "config": cfg.to_dict()}
         try:
             t0 = time.time()
-            report = compress(args.model, target, cfg, calib=data["calib"], device=args.device).report
+            report = compress(
+                args.model, target, cfg, calib=data["calib"], device=args.device, sensitivity_cache=sensitivity
+            ).report
             row["compress_seconds"] = round(time.time() - t0, 1)
             row["avg_bits"] = report["avg_bits_per_original_param"]
             row.update(evaluate_dir(target, data, args.device, args.batch))
@@ -401,6 +433,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-analysis", action="store_true")
     ap.add_argument("--skip-kv", action="store_true")
     ap.add_argument("--keep-models", action="store_true", help="keep the compressed model directories")
+    ap.add_argument("--force", action="store_true", help="redo rows already in --out/results.json")
+    ap.add_argument(
+        "--sensitivity-cache",
+        type=Path,
+        default=None,
+        help="folder of CASP sensitivity tables shared by the targets of one quantizer (default: OUT/sensitivity)",
+    )
+    ap.add_argument(
+        "--aqlm-options",
+        type=json.loads,
+        default=dict(AQLM_OPTIONS),
+        help=f"AQLM search settings as JSON (default {json.dumps(AQLM_OPTIONS)})",
+    )
     args = ap.parse_args(argv)
     results = run(args)
     print(table(results), end="")
