@@ -44,10 +44,10 @@ fan_out_rpv() { # fan_out_rpv QUANTIZER: CASP at 2.0 measures the table, 2.25 an
     wait
 }
 
-quality 2 &
+quality 2.25 &
 (
-    wait_for_files "$res/quality_work/plans/casp-aqlm-*.json" 1
-    for level in 2.25 3 4; do quality "$level" & done
+    wait_for_files "$res/quality_work/plans/blocks/sensitivity_casp-aqlm-*_00$((blocks - 1)).json" 1
+    for level in 2 3 4; do quality "$level" & done
     wait
 ) &
 fan_out_rpv aqlm &

@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from casp.alloc.importance import fisher_importance  # noqa: E402
-from casp.alloc.knapsack import allocate  # noqa: E402
+from casp.alloc.knapsack import AllocationError, allocate  # noqa: E402
 from casp.alloc.sensitivity import apply_importance, budget_bits  # noqa: E402
 from casp.calib.runner import capture_block_inputs  # noqa: E402
 from casp.compress import PARTIAL, Plan, candidate_configs, compress_model, sensitivity_pass, stats_pass  # noqa: E402
@@ -159,6 +159,15 @@ FINDINGS = """## Findings (read from the tables above; written by hand after the
   separate --out stem, its runs then merged into this JSON), --methods casp-rtn-fisher (12 min), --methods
   opt-gptq-top1 --levels 3,4 (7 min), --methods opt-gptq-top5 --levels 3 and --levels 4 (4 min each); the Fisher
   weights (one backward pass per calibration window, cached in the work folder) took 3 min.
+- CASP + AQLM (same cheap AQLM settings; sensitivity table and compression on an H100, perplexity on its CPU): at
+  2.0 bits it is infeasible, since AQLM 2x8's codebooks cost 0.15 bits per weight on these small layers, so every
+  layer at its cheapest option already needs 2.15 bits after the low-rank step; at 2.25 bits it scores 212.7,
+  worse than plain AQLM's 190.7 at 2.15 bits (the same recipe run a second time gave 210.2: GPU runs of AQLM are
+  not bit-identical); 132.5 at 3.00 bits and 78.8 at 4.00 bits, behind QuIP# (59.5 at 3.05, 46.9 at 4.05) and
+  CASP + QuIP# (89.5, 75.6). The 3-bit candidate 2x12 (2 x 4096 x 8 fp16 codewords) costs about 6 bits per weight
+  here, so the allocation mixes 2x8 and 4x8 (at 3.00 bits: 82 layers 2x8, 128 layers 4x8). Session 4 ran it with
+  `benchmarks/gpu_quality_rows.sh` (one quality.py job per level into its own --out stem, merged into this JSON;
+  the sensitivity pass took 7.4 min with the VLM jobs sharing the GPU, each level's compression about 4 min).
 """
 WORK = Path("~/.cache/casp/quality").expanduser()
 LEVELS = ("2", "2.25", "3", "4")
@@ -354,7 +363,11 @@ def casp_table(model, adapter, inputs, cfg: CompressionConfig, path: Path, devic
     t0 = time.time()
     block_inputs = capture_block_inputs(model, adapter, inputs, device)
     ranks, attention = stats_pass(model, adapter, block_inputs, cfg, device) if cfg.method == "casp" else ({}, [])
-    _, summary = sensitivity_pass(model, adapter, block_inputs, cfg, ranks, device)
+    # Per-block tables are kept beside the plan: when the target given is infeasible (the knapsack inside the
+    # pass raises), the next run at another target reads them instead of measuring every block again.
+    _, summary = sensitivity_pass(
+        model, adapter, block_inputs, cfg, ranks, device, cache=path.parent / "blocks", key=path.stem
+    )
     labels = [c.label() for c in candidate_configs(cfg)]
     cands = summary["candidates"]
     for name, rows in cands.items():  # the allocator's options are candidate_configs(cfg), in order
@@ -687,6 +700,8 @@ def fisher_lines(args, results: dict) -> list[str]:
 def cell(rec: dict | None) -> str:
     if rec is None:
         return "not run"
+    if "infeasible" in rec:
+        return "infeasible"
     ppl = rec["ppl"]
     text = f"{ppl:,.1f}" if ppl < 1e4 else f"{ppl:.3g}"
     return f"{text} ({rec['avg_bits']:.2f} b)"
@@ -747,6 +762,9 @@ def markdown(results: dict, meta: dict, all_runs: list[Run], args) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for rid, rec in by_id.items():
+        if "infeasible" in rec:
+            lines.append(f"| {rid} | infeasible: {rec['infeasible']} | | | | |")
+            continue
         settings = ", ".join(f"{k}: {v}" for k, v in sorted(rec.get("layer_configs", {}).items()))
         lines.append(
             f"| {rid} | {rec['ppl']:.3f} | {rec['avg_bits']:.3f} | {settings} | "
@@ -766,7 +784,9 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.5))
     colors = plt.get_cmap("tab20").colors
     for k, method in enumerate(METHODS[1:]):
-        recs = sorted((r for r in results.values() if r["method"] == method), key=lambda r: r["avg_bits"])
+        recs = sorted(
+            (r for r in results.values() if r["method"] == method and "ppl" in r), key=lambda r: r["avg_bits"]
+        )
         if not recs:
             continue
         style = "-o" if method.startswith("casp") else (":^" if method.startswith("opt") else "--s")
@@ -792,10 +812,15 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_outputs(results: dict, meta: dict, all_runs: list[Run], stem: Path, args) -> None:
-    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "runs": results})
-    atomic_write_text(stem.with_suffix(".md"), markdown(results, meta, all_runs, args))
+    atomic_write_json(with_ext(stem, ".json"), {"meta": meta, "runs": results})
+    atomic_write_text(with_ext(stem, ".md"), markdown(results, meta, all_runs, args))
     if results:
-        plot(results, stem.with_suffix(".png"))
+        plot(results, with_ext(stem, ".png"))
+
+
+def with_ext(stem: Path, ext: str) -> Path:
+    # not Path.with_suffix: a stem such as "quality_2.25" would lose its ".25"
+    return stem.with_name(stem.name + ext)
 
 
 # ---- main ------------------------------------------------------------------------------------------
@@ -858,29 +883,30 @@ def main(argv=None) -> None:
         "other jobs, so seconds are noisy (runs compressed on a GPU with --device say so in the JSON: 'device')",
     }
     stem = args.out
-    json_path = stem.with_suffix(".json")
+    json_path = with_ext(stem, ".json")
     results = json.loads(json_path.read_text())["runs"] if json_path.is_file() else {}
     runs = grid(args.methods, args.levels, args.samples, args.max_length)
     all_runs = grid(METHODS, LEVELS, args.samples, args.max_length)
     for i, run in enumerate(runs):
         if run.id in results and not args.force:
-            print(f"[{i + 1}/{len(runs)}] {run.id}: cached, ppl {results[run.id]['ppl']:.2f}", flush=True)
+            print(f"[{i + 1}/{len(runs)}] {run.id}: cached, {cell(results[run.id])}", flush=True)
             continue
         if args.budget_minutes is not None and (time.time() - start) / 60 > args.budget_minutes:
             print(f"[{i + 1}/{len(runs)}] {run.id}: skipped (time budget of {args.budget_minutes} min spent)")
             continue
         print(f"[{i + 1}/{len(runs)}] {run.id}: running ({(time.time() - start) / 60:.1f} min so far)", flush=True)
-        rec = run_one(run, model_dir, inputs, test_ids, args)
+        try:
+            rec = run_one(run, model_dir, inputs, test_ids, args)
+        except AllocationError as err:  # a target below every layer's cheapest option: a result, recorded as such
+            rec = {"id": run.id, "method": run.method, "level": run.level, "infeasible": str(err)}
         results[run.id] = rec
         write_outputs(results, meta, all_runs, stem, args)
-        print(
-            f"    ppl {rec['ppl']:.3f} at {rec['avg_bits']:.3f} bits ({time.time() - start:.0f} s so far)", flush=True
-        )
+        print(f"    {cell(rec)} ({time.time() - start:.0f} s so far)", flush=True)
     if not args.no_analysis:
         print("low-rank spectra of q/k (one calibration pass, cached)", flush=True)
         lowrank_analysis(model_dir, inputs, args.work / "analysis" / f"spectra-{args.samples}x{args.max_length}.json")
     write_outputs(results, meta, all_runs, stem, args)
-    if not math.isfinite(sum(r["ppl"] for r in results.values())):
+    if not math.isfinite(sum(r["ppl"] for r in results.values() if "ppl" in r)):
         print("warning: some perplexity is not finite")
 
 
