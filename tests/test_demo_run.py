@@ -28,3 +28,20 @@ def test_demo_cli_help(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--quick" in capsys.readouterr().out
+
+
+def test_demo_model_names_resolve_to_the_bundled_models(tmp_path):
+    import pytest
+
+    from casp.demo.run import resolve_demo_model
+    from casp.errors import CaspError
+
+    demo, real = resolve_demo_model(None), resolve_demo_model("real-parts")
+    assert demo == resolve_demo_model("demo") and demo.name == "demo-model"
+    assert json.loads((real / "config.json").read_text())["model_type"] != json.loads(
+        (demo / "config.json").read_text()
+    )["model_type"]
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_demo_model(tmp_path) == tmp_path
+    with pytest.raises(CaspError, match="not a model directory.*real-parts"):
+        resolve_demo_model(tmp_path / "nowhere")

