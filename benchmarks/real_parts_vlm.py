@@ -65,7 +65,12 @@ def make_data(root: Path, n_vqa: int, n_captions: int, n_calib: int) -> dict[str
 
 
 def method_config(
-    method: str, quantizer: str, target: str, samples: int, aqlm_options: dict | None = None
+    method: str,
+    quantizer: str,
+    target: str,
+    samples: int,
+    aqlm_options: dict | None = None,
+    rank_ratio: float = 0.25,
 ) -> CompressionConfig:
     """The compression recipe nearest to ``target`` bits per weight (overheads counted by the driver).
 
@@ -73,7 +78,8 @@ def method_config(
     (~2.28 with the partial last group of 576), 3 -> 3-bit g576 (~3.06), 4 -> 4-bit g128 (~4.27). plain AQLM /
     QuIP#: the nearest whole code rate (2, 2, 3, 4). CASP: the exact budget (4.25 at "4") with optimal allocation
     over 2/3/4-bit candidates
-    (RTN/GPTQ with group 128, or 576 at 2.0 where group-128 scales alone would exceed the budget).
+    (RTN/GPTQ with group 128, or 576 at 2.0 where group-128 scales alone would exceed the budget), q/k factors
+    keeping ``rank_ratio`` of their parameters (the paper's 25% by default).
     """
     common = {"samples": samples, "max_length": 512}
     if quantizer == "aqlm":
@@ -82,25 +88,45 @@ def method_config(
     if method == "casp":
         if quantizer in ("rtn", "gptq"):  # at 2.0, g128's scales alone (0.25-0.28 bits) exceed the budget
             common["group_size"] = 576 if target == "2.0" else 128
-        return CompressionConfig(method="casp", quantizer=quantizer, bits=bits, alloc="optimal", **common)
+        return CompressionConfig(
+            method="casp", quantizer=quantizer, bits=bits, alloc="optimal", rank_ratio=rank_ratio, **common
+        )
     if quantizer in ("rtn", "gptq"):
         code, group = {"2.0": (2, 576), "2.25": (2, 128), "3": (3, 576), "4": (4, 128)}[target]
         return CompressionConfig(quantizer=quantizer, bits=code, group_size=group, **common)
     return CompressionConfig(quantizer=quantizer, bits=round(bits), **common)
 
 
-def method_grid(methods, quantizers, targets, samples, aqlm_options=None) -> list[tuple[str, CompressionConfig]]:
-    """(label, config) per run; recipes that coincide (plain AQLM at 2.0 and 2.25) run once."""
+def lowrank_only(ratios: list[float], samples: int) -> list[tuple[str, CompressionConfig]]:
+    """Ablation: CASP's whitened low-rank Q/K at each kept-parameter ratio, every linear (and factor) then at 8-bit
+    RTN, so the accuracy lost is the low-rank step's alone."""
+    return [
+        (
+            f"low-rank q/k {ratio:.0%} + RTN 8-bit",
+            CompressionConfig(
+                method="casp", quantizer="rtn", bits=8, rank_ratio=ratio, samples=samples, max_length=512
+            ),
+        )
+        for ratio in ratios
+    ]
+
+
+def method_grid(
+    methods, quantizers, targets, samples, aqlm_options=None, rank_ratio: float = 0.25
+) -> list[tuple[str, CompressionConfig]]:
+    """(label, config) per run; recipes that coincide (plain AQLM at 2.0 and 2.25) run once. CASP rows at another
+    rank ratio than the paper's 25% are labelled with it ("CASP r50%+QUIP @2.25")."""
     grid, seen = [], set()
     for method in methods:
         for quantizer in quantizers:
             for target in targets:
-                cfg = method_config(method, quantizer, target, samples, aqlm_options)
+                cfg = method_config(method, quantizer, target, samples, aqlm_options, rank_ratio)
                 key = json.dumps(cfg.to_dict(), sort_keys=True)
                 if key in seen:
                     continue
                 seen.add(key)
-                grid.append((f"{'CASP+' if method == 'casp' else ''}{quantizer.upper()} @{target}", cfg))
+                casp = "" if method != "casp" else "CASP+" if rank_ratio == 0.25 else f"CASP r{rank_ratio:.0%}+"
+                grid.append((f"{casp}{quantizer.upper()} @{target}", cfg))
     return grid
 
 
@@ -364,7 +390,8 @@ def run(args) -> dict:
         )
         save()
     sensitivity = args.sensitivity_cache or out / "sensitivity"
-    for name, cfg in method_grid(args.methods, args.quantizers, args.bits, args.calib_samples, args.aqlm_options):
+    grid = method_grid(args.methods, args.quantizers, args.bits, args.calib_samples, args.aqlm_options, args.rank_ratio)
+    for name, cfg in grid + lowrank_only(args.lowrank_only, args.calib_samples):
         if name in done:
             print(f"{name}: done in {previous}, kept", flush=True)
             continue
@@ -434,6 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-kv", action="store_true")
     ap.add_argument("--keep-models", action="store_true", help="keep the compressed model directories")
     ap.add_argument("--force", action="store_true", help="redo rows already in --out/results.json")
+    ap.add_argument("--rank-ratio", type=float, default=0.25, help="share of q/k parameters CASP keeps (paper: 0.25)")
+    ap.add_argument(
+        "--lowrank-only",
+        type=lambda text: [float(x) for x in text.split(",") if x.strip()],
+        default=[],
+        help="ablation rows: low-rank Q/K keeping these parameter ratios (e.g. 0.25,0.5), everything at 8-bit RTN",
+    )
     ap.add_argument(
         "--sensitivity-cache",
         type=Path,
