@@ -56,7 +56,7 @@ def test_balance_keeps_the_product_and_evens_the_norms():
 
 
 def test_hooks_equal_merged_weights_and_removal_restores_the_model():
-    from casp.demo.train_realvlm import LORA_TARGETS, LoRAHooks, merge_into
+    from casp.demo.lora import LORA_TARGETS, LoRAHooks, merge_into
 
     model, processor = tiny_standin()
     before = logits(model, processor)
@@ -75,7 +75,7 @@ def test_hooks_equal_merged_weights_and_removal_restores_the_model():
 
 
 def test_hooks_only_on_chosen_targets():
-    from casp.demo.train_realvlm import LoRAHooks
+    from casp.demo.lora import LoRAHooks
 
     model, _ = tiny_standin()
     lora = LoRAHooks(model, ("self_attn.q_proj", "mlp.down_proj"), rank=2, alpha=2.0)
@@ -89,7 +89,7 @@ def test_hooks_only_on_chosen_targets():
 
 def test_projector_and_factors_save_load_round_trip(tmp_path):
     """A projector-only directory with LoRA factors: load_realvlm merges them into the fetched LM."""
-    from casp.demo.train_realvlm import merge_into
+    from casp.demo.lora import merge_into
 
     model, processor = tiny_standin(seed=2)
     parts = _parts_of(save_realvlm(model, processor, tmp_path / "whole", include_parts=True), tmp_path)
@@ -136,7 +136,7 @@ def test_bad_factors_are_one_clear_error():
 
 
 def test_concat_factors_sums_updates():
-    from casp.demo.train_realvlm import concat_factors
+    from casp.demo.lora import concat_factors
 
     g = torch.Generator().manual_seed(0)
     f1 = {"m": (torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g))}
