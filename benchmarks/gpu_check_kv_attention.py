@@ -147,6 +147,67 @@ def run_case(layout, bits, batch, length, q_heads, kv_heads, bench, device="cuda
     return row
 
 
+def profile_case(layout: str, bits: int, batch: int, length: int, device: str = "cuda", calls: int = 50) -> str:
+    """Where the fused decode call's time goes: host (CPU) time per call of each stage, launched without waiting
+    for the GPU, against the GPU time of the whole call; and the torch/Triton kernels launched per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from casp.kernels.triton_kv_attention import packed_decode_partials
+    from casp.kv.attention import decode_attention, key_valid_from_mask
+
+    scale = HEAD_DIM**-0.5
+    layer = build_layer(layout, bits, batch, length, HEADS, 0, device)
+    q = torch.randn(batch, HEADS, 1, HEAD_DIM, device=device, dtype=layer.keys.dtype)
+    mask = torch.zeros(batch, 1, 1, layer.get_seq_length(), device=device, dtype=q.dtype)  # sdpa-style, all keys
+    packed, dense = layer.decode_segments()
+    seg = max(packed, key=lambda s: s.k.nbytes)
+    q_rot = (q[:, :, 0] @ layer.hadamard_matrix()).contiguous()
+    h = layer.hadamard_matrix()
+    stages = {
+        "whole call, no mask": lambda: layer_decode_attention(layer, q, None, scale),
+        "whole call, 4-D mask": lambda: layer_decode_attention(layer, q, mask, scale),
+        "decode_segments()": lambda: layer.decode_segments(),
+        "key_valid_from_mask": lambda: key_valid_from_mask(mask, layer.get_seq_length()),
+        "decode_attention (segments given)": lambda: decode_attention(
+            q[:, :, 0], packed, dense, scale, None, h, layer.rotate_keys, layer.rotate_values
+        ),
+        "Triton kernel launch (largest class)": lambda: packed_decode_partials(
+            q_rot, seg.k.codes, seg.k.scale, seg.k.zero, seg.v.codes, seg.v.scale, seg.v.zero, seg.idx, bits, scale
+        ),
+        "one small torch op (x + 1)": lambda: q + 1,
+    }
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    lines = [f"## profile: {layout} {bits}-bit, batch {batch}, {length} tokens, {HEADS} heads ({calls} calls each)"]
+    lines.append("| stage | host us per call (no sync) | GPU-inclusive us per call |")
+    lines.append("| --- | --- | --- |")
+    for name, fn in stages.items():
+        for _ in range(5):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - t0) / calls * 1e6
+        sync()
+        total = (time.perf_counter() - t0) / calls * 1e6
+        lines.append(f"| {name} | {host:.0f} | {total:.0f} |")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            layer_decode_attention(layer, q, mask, scale)
+        sync()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = sum(e.count for e in kernels) / 10
+    lines.append(f"\nGPU kernels per call: {launches:.0f}; by count (name: launches per call):")
+    for e in sorted(kernels, key=lambda e: -e.count)[:15]:
+        lines.append(f"- {e.key[:90]}: {e.count / 10:.0f}")
+    top = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    lines.append(
+        "\naten ops per call (top 15 by count): "
+        + ", ".join(f"{e.key[6:]} {e.count / 10:.0f}" for e in sorted(top, key=lambda e: -e.count)[:15])
+    )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     nan = float("nan")
     lines = [
@@ -191,7 +252,15 @@ def main(argv=None) -> int:
         action="store_true",
         help="one small case on CPU (run with TRITON_INTERPRET=1), correctness only",
     )
+    p.add_argument("--profile", action="store_true", help="only the host/GPU time breakdown of the fused call")
     args = p.parse_args(argv)
+    if args.profile:
+        text = "\n\n".join(profile_case(*case) for case in (("TSA", 2, 16, 2048), ("PSA", 2, 64, 600)))
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return 0
     if args.cpu_dry_run:
         _patch_interpreter_for_numpy2()
         row = run_case("PSA", 2, 1, 300, HEADS, HEADS, bench=False, device="cpu")
