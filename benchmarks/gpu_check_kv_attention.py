@@ -147,13 +147,22 @@ def run_case(layout, bits, batch, length, q_heads, kv_heads, bench, device="cuda
     return row
 
 
-def profile_case(layout: str, bits: int, batch: int, length: int, device: str = "cuda", calls: int = 50) -> str:
+def profile_case(
+    layout: str, bits: int, batch: int, length: int, device: str = "cuda", calls: int = 50, compiled: bool = False
+) -> str:
     """Where the fused decode call's time goes: host (CPU) time per call of each stage, launched without waiting
     for the GPU, against the GPU time of the whole call; and the torch/Triton kernels launched per call."""
     from torch.profiler import ProfilerActivity, profile
 
     from casp.kernels.triton_kv_attention import packed_decode_partials
-    from casp.kv.attention import decode_attention, key_valid_from_mask
+    from casp.kv.attention import (
+        Partial,
+        decode_attention,
+        dense_partial,
+        key_valid_from_mask,
+        merge_partials,
+        packed_partial,
+    )
 
     scale = HEAD_DIM**-0.5
     layer = build_layer(layout, bits, batch, length, HEADS, 0, device)
@@ -172,10 +181,35 @@ def profile_case(layout: str, bits: int, batch: int, length: int, device: str = 
             q[:, :, 0], packed, dense, scale, None, h, layer.rotate_keys, layer.rotate_values
         ),
         "Triton kernel launch (largest class)": lambda: packed_decode_partials(
-            q_rot, seg.k.codes, seg.k.scale, seg.k.zero, seg.v.codes, seg.v.scale, seg.v.zero, seg.idx, bits, scale
+            q_rot,
+            seg.k.codes,
+            seg.k.scale,
+            seg.k.zero,
+            seg.v.codes,
+            seg.v.scale,
+            seg.v.zero,
+            seg.idx,
+            seg.k.bits,
+            scale,
         ),
         "one small torch op (x + 1)": lambda: q + 1,
     }
+    if compiled:  # does fusing the small torch ops around the kernel pay? (torch.compile of the torch parts)
+        dense_c = torch.compile(dense_partial, dynamic=False)
+        merge_c = torch.compile(merge_partials, dynamic=False)
+
+        def compiled_call():
+            q0 = q[:, :, 0]
+            q_r = q0 @ h if layer.rotate_keys else q0
+            parts = [packed_partial(q_r, sg.k, sg.v, sg.idx, scale) for sg in packed]
+            if layer.rotate_values:
+                parts = [Partial(pt.m, pt.l, pt.acc @ h.float()) for pt in parts]
+            parts += [dense_c(q0, d.k, d.v, d.valid, scale) for d in dense]
+            return merge_c(parts)
+
+        ref = decode_attention(q[:, :, 0], packed, dense, scale, None, h, layer.rotate_keys, layer.rotate_values)
+        err = ((compiled_call() - ref).norm() / ref.norm()).item()
+        stages[f"decode_attention, compiled torch parts (rel err {err:.1e})"] = compiled_call
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     lines = [f"## profile: {layout} {bits}-bit, batch {batch}, {length} tokens, {HEADS} heads ({calls} calls each)"]
     lines.append("| stage | host us per call (no sync) | GPU-inclusive us per call |")
@@ -253,9 +287,11 @@ def main(argv=None) -> int:
         help="one small case on CPU (run with TRITON_INTERPRET=1), correctness only",
     )
     p.add_argument("--profile", action="store_true", help="only the host/GPU time breakdown of the fused call")
+    p.add_argument("--compiled", action="store_true", help="with --profile: also time torch.compile'd torch parts")
     args = p.parse_args(argv)
     if args.profile:
-        text = "\n\n".join(profile_case(*case) for case in (("TSA", 2, 16, 2048), ("PSA", 2, 64, 600)))
+        cases = (("TSA", 2, 16, 2048), ("PSA", 2, 64, 600))
+        text = "\n\n".join(profile_case(*case, compiled=args.compiled) for case in cases)
         print(text)
         if args.out:
             with open(args.out, "w") as f:
