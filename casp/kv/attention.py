@@ -161,11 +161,14 @@ def decode_attention(
 
     key_valid: bool [B, T] over token positions (the attention mask's key padding), or None;
     hadamard: H [D, D] when ``rotate_keys`` (packed keys are K H) or ``rotate_values`` (packed values
-    are V H, rotated online by the cache)."""
+    are V H, rotated online by the cache). With Triton (``use_triton``; default: CUDA tensors and triton
+    installed) the packed classes run in casp.kernels.triton_kv_attention and the last dense segment (the
+    window) together with the merge in casp.kernels.triton_kv_merge; otherwise everything runs in torch."""
     if (rotate_keys or rotate_values) and hadamard is None:
         raise ValueError("rotated packed keys/values need the Hadamard matrix")
     parts = []
     q_rot = q @ hadamard.to(q.dtype) if rotate_keys else q
+    fused_merge = use_triton if use_triton is not None else q.is_cuda and importlib.util.find_spec("triton") is not None
     for seg in packed:
         idx = seg.idx
         if key_valid is not None:
@@ -174,12 +177,24 @@ def decode_attention(
         if rotate_values:
             part = Partial(part.m, part.l, part.acc @ hadamard.float())
         parts.append(part)
+    valids = []
     for seg in dense:
         valid = seg.valid
         if key_valid is not None:
             hit = _gather_valid(key_valid, seg.pos)
             valid = hit if valid is None else valid & hit
-        parts.append(dense_partial(q, seg.k, seg.v, valid, scale))
+        valids.append(valid)
+    if fused_merge and dense:
+        # the last dense segment (the recent window) and the merge of everything in one Triton launch
+        from casp.kernels.triton_kv_merge import window_merge
+
+        parts += [dense_partial(q, seg.k, seg.v, valid, scale) for seg, valid in zip(dense[:-1], valids[:-1])]
+        b, hq, d = q.shape
+        m = torch.cat([p.m for p in parts], dim=-1) if parts else q.new_empty(b, hq, 0, dtype=torch.float32)
+        l_sum = torch.cat([p.l for p in parts], dim=-1) if parts else m
+        acc = torch.cat([p.acc for p in parts], dim=-2) if parts else m.new_empty(b, hq, 0, d)
+        return window_merge(q, dense[-1].k, dense[-1].v, valids[-1], m, l_sum, acc, scale)
+    parts += [dense_partial(q, seg.k, seg.v, valid, scale) for seg, valid in zip(dense, valids)]
     return merge_partials(parts)
 
 
