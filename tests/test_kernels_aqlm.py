@@ -9,13 +9,7 @@ from tests.triton_interpreter import needs_triton, run_interpreted
 
 _INTERPRET = textwrap.dedent(
     """
-    import numpy as np, torch
-    import triton.runtime.interpreter as ti
-    _orig = ti._patch_lang_tensor
-    def _patched(tensor, scope):  # numpy 2 refuses int() of a 1-element array that the interpreter passes
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-    ti._patch_lang_tensor = _patched
+    import torch
     from casp.kernels.triton_aqlm import aqlm_gemv
     from casp.quant.aqlm import AQLMWeight
     torch.manual_seed(0)

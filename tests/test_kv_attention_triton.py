@@ -11,13 +11,7 @@ from tests.triton_interpreter import needs_triton, run_interpreted
 
 _PRELUDE = textwrap.dedent(
     """
-    import numpy as np, torch
-    import triton.runtime.interpreter as ti
-    _orig = ti._patch_lang_tensor
-    def _patched(tensor, scope):  # numpy 2 refuses int() of the 1-element arrays the interpreter passes
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-    ti._patch_lang_tensor = _patched
+    import torch
     from casp.kv.quantizer import quantize_tokens
     from casp.kv.attention import Partial, merge_partials, packed_partial_reference, layer_decode_attention
     from casp.kernels.triton_kv_attention import packed_decode_partials

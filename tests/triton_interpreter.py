@@ -12,8 +12,22 @@ HAS_TRITON = subprocess.run([sys.executable, "-c", "import triton"], capture_out
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the kernels run on GPU)")
 
 
+# Run first in every interpreted check: numpy 2 refuses int() of the 1-element arrays the interpreter passes
+# as indices, so give the interpreter's tensors an __index__ that reads the single element.
+_NUMPY2_PATCH = """
+import numpy as _np
+import triton.runtime.interpreter as _ti
+_orig_patch = _ti._patch_lang_tensor
+def _patch_with_index(tensor, scope):
+    _orig_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(_np.asarray(self.handle.data).reshape(-1)[0]))
+_ti._patch_lang_tensor = _patch_with_index
+"""
+
+
 def run_interpreted(code: str) -> None:
     """Run ``code`` (which prints a line starting with 'ok' on success) under the Triton interpreter."""
+    code = _NUMPY2_PATCH + code
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
