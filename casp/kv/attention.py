@@ -168,7 +168,10 @@ def decode_attention(
         raise ValueError("rotated packed keys/values need the Hadamard matrix")
     parts = []
     q_rot = q @ hadamard.to(q.dtype) if rotate_keys else q
-    fused_merge = use_triton if use_triton is not None else q.is_cuda and importlib.util.find_spec("triton") is not None
+    d = q.shape[-1]
+    fused_merge = use_triton
+    if fused_merge is None:  # the merge kernel's tiles need a power-of-two head dim
+        fused_merge = q.is_cuda and d & (d - 1) == 0 and importlib.util.find_spec("triton") is not None
     for seg in packed:
         idx = seg.idx
         if key_valid is not None:
@@ -189,7 +192,7 @@ def decode_attention(
         from casp.kernels.triton_kv_merge import window_merge
 
         parts += [dense_partial(q, seg.k, seg.v, valid, scale) for seg, valid in zip(dense[:-1], valids[:-1])]
-        b, hq, d = q.shape
+        b, hq = q.shape[:2]
         m = torch.cat([p.m for p in parts], dim=-1) if parts else q.new_empty(b, hq, 0, dtype=torch.float32)
         l_sum = torch.cat([p.l for p in parts], dim=-1) if parts else m
         acc = torch.cat([p.acc for p in parts], dim=-2) if parts else m.new_empty(b, hq, 0, d)
