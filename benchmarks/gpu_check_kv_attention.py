@@ -170,8 +170,8 @@ def profile_case(
     mask = torch.zeros(batch, 1, 1, layer.get_seq_length(), device=device, dtype=q.dtype)  # sdpa-style, all keys
     packed, dense = layer.decode_segments()
     seg = max(packed, key=lambda s: s.k.nbytes)
-    q_rot = (q[:, :, 0] @ layer.hadamard_matrix()).contiguous()
     h = layer.hadamard_matrix()
+    q_rot = (q[:, :, 0] @ h).contiguous()
     stages = {
         "whole call, no mask": lambda: layer_decode_attention(layer, q, None, scale),
         "whole call, 4-D mask": lambda: layer_decode_attention(layer, q, mask, scale),

@@ -58,6 +58,7 @@ from casp.eval.ppl import perplexity_of_ids  # noqa: E402
 from casp.formats import modules as table  # noqa: E402
 from casp.formats.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from casp.models import load_model  # noqa: E402
+from casp.quant.aqlm import FAST_SEARCH as AQLM_FAST_SEARCH  # noqa: E402
 from casp.quant.linear import QuantLinear  # noqa: E402
 from casp.realmodels.corpus import CORPORA, load_corpus, split_corpus  # noqa: E402
 from casp.realmodels.smollm2 import PACKAGE, smollm2_model_dir  # noqa: E402
@@ -205,8 +206,6 @@ LABELS = {
     "quip": "QuIP# E8P",
     "casp-quip": "CASP + QuIP#",
 }
-# Cheap AQLM settings for a 2-core CPU (greedy codes, few alternations); see the results file.
-AQLM_OPTIONS = {"beam_size": 1, "max_iters": 3, "kmeans_iters": 5, "cg_iters": 10}
 # Order of importance: what runs first when the time budget is short.
 PRIORITY = [
     "fp16",
@@ -275,7 +274,7 @@ def make_config(method: str, level: str, samples: int, max_length: int) -> Compr
     common = dict(quantizer=quantizer, samples=samples, max_length=max_length, true_sequential=False)
     if importance == "fisher":
         common["importance"] = importance
-    options = dict(AQLM_OPTIONS) if quantizer == "aqlm" else {}
+    options = dict(AQLM_FAST_SEARCH) if quantizer == "aqlm" else {}  # cheap settings for a 2-core CPU
     if quantizer in ("rtn", "gptq"):
         if not casp:
             width = {"2.25": 2, "3": 3, "4": 4}.get(level)

@@ -40,13 +40,14 @@ import torch  # noqa: E402
 from casp.config import CompressionConfig  # noqa: E402
 from casp.demo import world  # noqa: E402
 from casp.errors import CaspError  # noqa: E402
+from casp.quant.aqlm import FAST_SEARCH  # noqa: E402
 
 QUANTIZERS = ("rtn", "gptq", "aqlm", "quip")
 TARGETS = ("2.0", "2.25", "3", "4")
 METHODS = ("plain", "casp")
-# AQLM's search settings (greedy codes, few alternations), as benchmarks/quality.py uses them: AQLM at 3 bits
-# (2x12 codebooks of 4096 codewords) for every layer is otherwise the slowest part of the grid by far.
-AQLM_OPTIONS = {"beam_size": 1, "max_iters": 3, "kmeans_iters": 5, "cg_iters": 10}
+# AQLM's search settings: the cheap ones benchmarks/quality.py uses too (casp.quant.aqlm.FAST_SEARCH); AQLM at 3
+# bits (2x12 codebooks of 4096 codewords) for every layer is otherwise the slowest part of the grid by far.
+AQLM_OPTIONS = FAST_SEARCH
 
 
 # ---- data ------------------------------------------------------------------------------------------

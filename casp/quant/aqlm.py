@@ -56,6 +56,11 @@ def _score_elems(device: torch.device) -> int:
     return 1 << (27 if device.type == "cuda" else 22)
 
 
+# Cheap search settings (greedy codes, 3 alternations, short init and CG): the benchmarks' AQLM on a 2-core CPU,
+# and where a sensitivity pass quantizes every layer at several code rates. Pass as quant_options.
+FAST_SEARCH = {"beam_size": 1, "max_iters": 3, "kmeans_iters": 5, "cg_iters": 10}
+
+
 @dataclasses.dataclass(frozen=True)
 class AQLMConfig(QuantConfig):
     """Additive codebook quantization (see the module docstring).
