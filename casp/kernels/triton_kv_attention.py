@@ -18,10 +18,14 @@ Design choices:
 * One program per (b, query head, split), 2-D grid [B * Hq, splits]. Under GQA the KV head is
   h // (Hq / Hkv); its codes are read once per query head of the group (from L2 after the first).
   Splits over ``idx`` give parallelism at small batch (flash-decoding); at large batch one split.
-* Unpacking in a 2-D [BLOCK_N, D] tile: channel c of a token reads byte c // PER of its packed head
-  (PER = 8 / BITS codes per byte; the PER channels of a byte hit one address, served by L1) and
-  shifts by (c % PER) BITS. A 3-D [BLOCK_N, D / PER, PER] formulation (one load per byte) compiled to
-  230-250 registers per thread (q and acc replicated across the tile's layout) against 72 here.
+* Unpacking: a token's packed head is read as D * BITS / 32 int32 words (16-byte vector loads, the
+  store's uint8 codes viewed as words: code p of a word is channel 32 / BITS * word + p) and decoded in
+  registers by casp.kernels.triton_uniform's ``_decode`` (one LOP3 + one FFMA per code, per-position
+  tiles interleaved back into channel order). The first version loaded one byte per channel (four
+  channels per address) and was bound by load instructions at 100-200 GB/s on an H100
+  (benchmarks/results/kv_attention_h100.txt).
+* Latency: the next tile's index, words, scales and zeros are loaded before the current tile is
+  used (one tile of software prefetch), so a program always has a tile's reads in flight.
 * One group per head (NG == 1, LLaVA: D = GROUP = 128): scale and zero are per (token, head) scalars
   and are factored out, s (sum_c q_c c_c - z sum_c q_c) for scores and sum_j (p_j s_j) c_j -
   sum_j p_j s_j z_j for values, so the inner loop is one multiply-add per code. Several groups:
@@ -39,13 +43,44 @@ import torch
 import triton
 import triton.language as tl
 
+from casp.kernels.triton_uniform import _decode, _interpreting
+
 KERNEL_BITS = (2, 4)
-# Tokens per tile and warps per program. Compiled for sm_90 (ptxas, no GPU needed) at D = 128: 16 x 4 uses
-# 72 registers per thread (7 programs per SM), 32 x 4 128, 64 x 8 234; no spills.
-BLOCK_N = 16
+# Tokens per tile and warps per program: 64 x 4 was the fastest of 16x4, 32x4, 64x4, 64x8 and 128x8 in every
+# LLaVA-7B-shaped case on an H100 (benchmarks/results/kv_attention_h100.txt); 128-168 registers, no spills.
+BLOCK_N = 64
 NUM_WARPS = 4
 # Aim for about this many programs per call before splitting the sequence (132 SMs x several waves).
 _TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _load_tile(ib, KC, KS, KZ, VC, VS, VZ, hk, n0, start, L, tokens_per_split,
+               stride_kc_n, stride_kc_h, stride_ks_n, stride_ks_h, stride_vc_n, stride_vc_h, stride_vs_n, stride_vs_h,
+               DW: tl.constexpr, NG: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One tile's reads: valid mask [BLOCK], key/value words [BLOCK, DW], scales/zeros [BLOCK, NG] (fp16)."""
+    offs_n = start + n0 + tl.arange(0, BLOCK)
+    in_range = (offs_n < L) & (offs_n < start + tokens_per_split)
+    rows = tl.load(ib + offs_n, mask=in_range, other=-1)
+    valid = rows >= 0
+    rows64 = tl.where(valid, rows, 0).to(tl.int64)
+    offs_w = tl.arange(0, DW)
+    offs_g = tl.arange(0, NG)
+    kw = tl.load(KC + rows64[:, None] * stride_kc_n + hk * stride_kc_h + offs_w[None, :], mask=valid[:, None], other=0)
+    vw = tl.load(VC + rows64[:, None] * stride_vc_n + hk * stride_vc_h + offs_w[None, :], mask=valid[:, None], other=0)
+    kso = rows64[:, None] * stride_ks_n + hk * stride_ks_h + offs_g[None, :]
+    vso = rows64[:, None] * stride_vs_n + hk * stride_vs_h + offs_g[None, :]
+    ks = tl.load(KS + kso, mask=valid[:, None], other=0.0)
+    kz = tl.load(KZ + kso, mask=valid[:, None], other=0.0)
+    vs = tl.load(VS + vso, mask=valid[:, None], other=0.0)
+    vz = tl.load(VZ + vso, mask=valid[:, None], other=0.0)
+    return valid, kw, vw, ks, kz, vs, vz
+
+
+@triton.jit
+def _per_channel(t, NG: tl.constexpr, GC: tl.constexpr, BLOCK: tl.constexpr):
+    """[BLOCK, NG] group values -> [BLOCK, NG * GC] (each repeated over its group's GC channels), fp32."""
+    return tl.reshape(tl.broadcast_to(t.to(tl.float32)[:, :, None], [BLOCK, NG, GC]), [BLOCK, NG * GC])
 
 
 @triton.jit
@@ -53,7 +88,7 @@ def _packed_decode_kernel(
     Q,  # [B, Hq, D] float, already scaled by nothing (sm_scale applied here)
     KC,
     KS,
-    KZ,  # key codes [N, Hkv, NG*GB] uint8, scale/zero [N, Hkv, NG] fp16
+    KZ,  # key codes as int32 words [N, Hkv, DW], scale/zero [N, Hkv, NG] fp16
     VC,
     VS,
     VZ,  # value codes, scale, zero: same layout
@@ -79,12 +114,10 @@ def _packed_decode_kernel(
     stride_ib,
     GQA: tl.constexpr,
     BITS: tl.constexpr,
-    PER: tl.constexpr,  # codes per byte: 8 / BITS
-    CODE_MASK: tl.constexpr,  # 2^BITS - 1
-    DB: tl.constexpr,  # bytes per head: D * BITS / 8 (a power of two)
-    GROUP_BYTES: tl.constexpr,  # bytes per quantization group: GROUP * BITS / 8
-    NG: tl.constexpr,  # groups per head
+    DW: tl.constexpr,  # words per head: D * BITS / 32 (a power of two)
+    NG: tl.constexpr,  # quantization groups per head
     BLOCK: tl.constexpr,
+    ASM: tl.constexpr,  # inline PTX in the decode (not under Triton's CPU interpreter)
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -92,11 +125,9 @@ def _packed_decode_kernel(
     h = pid_bh % num_q_heads
     hk = h // GQA
 
-    D: tl.constexpr = DB * PER
+    D: tl.constexpr = DW * (32 // BITS)
+    GC: tl.constexpr = D // NG  # channels per group
     offs_d = tl.arange(0, D)  # channel
-    byte = offs_d // PER  # its byte in the token's packed head
-    shift = (offs_d % PER) * BITS  # and its bit offset there
-    grp = byte // GROUP_BYTES  # and its quantization group
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * sm_scale  # [D]
     q_sum = tl.sum(q, axis=0)
 
@@ -104,26 +135,24 @@ def _packed_decode_kernel(
     l_i = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     acc = tl.zeros([D], tl.float32)
 
+    ib = IDX + b * stride_ib
     start = pid_s * tokens_per_split
+    # software prefetch: tile n0 + BLOCK is read while tile n0 is computed
+    valid_n, kw_n, vw_n, ks_n, kz_n, vs_n, vz_n = _load_tile(
+        ib, KC, KS, KZ, VC, VS, VZ, hk, 0, start, L, tokens_per_split, stride_kc_n, stride_kc_h, stride_ks_n,
+        stride_ks_h, stride_vc_n, stride_vc_h, stride_vs_n, stride_vs_h, DW, NG, BLOCK)  # fmt: skip
     for n0 in range(0, tokens_per_split, BLOCK):  # a bound that is a plain argument: one loop shape
-        offs_n = start + n0 + tl.arange(0, BLOCK)
-        in_range = (offs_n < L) & (offs_n < start + tokens_per_split)
-        rows = tl.load(IDX + b * stride_ib + offs_n, mask=in_range, other=-1)
-        valid = rows >= 0
-        rows64 = tl.where(valid, rows, 0).to(tl.int64)
-
-        k_ptr = KC + rows64[:, None] * stride_kc_n + hk * stride_kc_h + byte[None, :]
-        kb = tl.load(k_ptr, mask=valid[:, None], other=0)
-        kc = ((kb.to(tl.int32) >> shift[None, :]) & CODE_MASK).to(tl.float32)  # [BLOCK, D] codes
+        valid, kw, vw, ks, kz, vs, vz = valid_n, kw_n, vw_n, ks_n, kz_n, vs_n, vz_n
+        valid_n, kw_n, vw_n, ks_n, kz_n, vs_n, vz_n = _load_tile(
+            ib, KC, KS, KZ, VC, VS, VZ, hk, n0 + BLOCK, start, L, tokens_per_split, stride_kc_n, stride_kc_h,
+            stride_ks_n, stride_ks_h, stride_vc_n, stride_vc_h, stride_vs_n, stride_vs_h, DW, NG, BLOCK)  # fmt: skip
+        kc = _decode(kw, kw, kw, BITS, ASM)  # [BLOCK, D] fp32 codes, channel order
         if NG == 1:
-            ks = tl.load(KS + rows64 * stride_ks_n + hk * stride_ks_h, mask=valid, other=0.0).to(tl.float32)
-            kz = tl.load(KZ + rows64 * stride_ks_n + hk * stride_ks_h, mask=valid, other=0.0).to(tl.float32)
-            s = ks * (tl.sum(kc * q[None, :], axis=1) - kz * q_sum)
+            s = tl.sum(ks, axis=1).to(tl.float32) * (
+                tl.sum(kc * q[None, :], axis=1) - tl.sum(kz, axis=1).to(tl.float32) * q_sum
+            )
         else:
-            gofs = rows64[:, None] * stride_ks_n + hk * stride_ks_h + grp[None, :]
-            ks = tl.load(KS + gofs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
-            kz = tl.load(KZ + gofs, mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.sum((kc - kz) * ks * q[None, :], axis=1)
+            s = tl.sum((kc - _per_channel(kz, NG, GC, BLOCK)) * _per_channel(ks, NG, GC, BLOCK) * q[None, :], axis=1)
         s = tl.where(valid, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -131,19 +160,12 @@ def _packed_decode_kernel(
         alpha = tl.exp(m_i - m_ref)
         p = tl.exp(s - m_ref)  # 0 for skipped slots
 
-        v_ptr = VC + rows64[:, None] * stride_vc_n + hk * stride_vc_h + byte[None, :]
-        vb = tl.load(v_ptr, mask=valid[:, None], other=0)
-        vc = ((vb.to(tl.int32) >> shift[None, :]) & CODE_MASK).to(tl.float32)
+        vc = _decode(vw, vw, vw, BITS, ASM)
         if NG == 1:
-            vs = tl.load(VS + rows64 * stride_vs_n + hk * stride_vs_h, mask=valid, other=0.0).to(tl.float32)
-            vz = tl.load(VZ + rows64 * stride_vs_n + hk * stride_vs_h, mask=valid, other=0.0).to(tl.float32)
-            ps = p * vs
-            pv = tl.sum(ps[:, None] * vc, axis=0) - tl.sum(ps * vz, axis=0)  # [D]
+            ps = p * tl.sum(vs, axis=1).to(tl.float32)
+            pv = tl.sum(ps[:, None] * vc, axis=0) - tl.sum(ps * tl.sum(vz, axis=1).to(tl.float32), axis=0)  # [D]
         else:
-            gofs = rows64[:, None] * stride_vs_n + hk * stride_vs_h + grp[None, :]
-            vs = tl.load(VS + gofs, mask=valid[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(VZ + gofs, mask=valid[:, None], other=0.0).to(tl.float32)
-            pv = tl.sum(p[:, None] * ((vc - vz) * vs), axis=0)
+            pv = tl.sum(p[:, None] * ((vc - _per_channel(vz, NG, GC, BLOCK)) * _per_channel(vs, NG, GC, BLOCK)), axis=0)
 
         acc = acc * alpha + pv
         l_i = l_i * alpha + tl.sum(p, axis=0)
@@ -153,6 +175,13 @@ def _packed_decode_kernel(
     tl.store(M_OUT + out, m_i)
     tl.store(L_OUT + out, l_i)
     tl.store(ACC_OUT + out * D + offs_d, acc)
+
+
+def _words(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, H, DB] viewed as int32 words [N, H, DB / 4] (copied first if the view is not possible)."""
+    if codes.stride(-1) != 1 or codes.stride(0) % 4 or codes.stride(1) % 4 or codes.storage_offset() % 4:
+        codes = codes.contiguous()
+    return codes.view(torch.int32)
 
 
 def num_splits_for(batch: int, q_heads: int, length: int, block: int = BLOCK_N) -> int:
@@ -191,8 +220,8 @@ def packed_decode_partials(
     if ng * gb * 8 // bits != d or v_codes.shape[1:] != k_codes.shape[1:]:
         raise ValueError(f"packed rows {tuple(k_codes.shape)} / {tuple(v_codes.shape)} do not hold head dim {d}")
     db = ng * gb
-    if db & (db - 1):
-        raise ValueError(f"head dim {d} at {bits} bits is {db} bytes, not a power of two")
+    if db & (db - 1) or db < 4:
+        raise ValueError(f"head dim {d} at {bits} bits is {db} bytes, not a power of two of at least one word")
     if idx.shape[0] != b or idx.dtype != torch.int32:
         raise ValueError(f"idx must be int32 [B={b}, L], got {idx.dtype} {tuple(idx.shape)}")
     length = idx.shape[1]
@@ -201,7 +230,7 @@ def packed_decode_partials(
     per_split = -(-per_split // block) * block
     q = q.contiguous()
     idx = idx.contiguous()
-    kc, vc = k_codes.reshape(n, hkv, db), v_codes.reshape(n, hkv, db)
+    kc, vc = _words(k_codes.reshape(n, hkv, db)), _words(v_codes.reshape(n, hkv, db))
     ks, kz = k_scale.reshape(n, hkv, ng), k_zero.reshape(n, hkv, ng)
     vs, vz = v_scale.reshape(n, hkv, ng), v_zero.reshape(n, hkv, ng)
     if ks.stride() != kz.stride() or vs.stride() != vz.stride():
@@ -243,12 +272,10 @@ def packed_decode_partials(
         idx.stride(0),
         GQA=hq // hkv,
         BITS=bits,
-        PER=8 // bits,
-        CODE_MASK=(1 << bits) - 1,
-        DB=db,
-        GROUP_BYTES=gb,
+        DW=db // 4,
         NG=ng,
         BLOCK=block,
+        ASM=not _interpreting(),
         num_warps=num_warps,
     )
     return m, l_sum, acc
