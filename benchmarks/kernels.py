@@ -59,6 +59,14 @@ SWEEP = {
              C(64, 256, 4, split=8)],
 }  # fmt: skip
 SWEEP["slab16"] = SWEEP["slab"]
+# --wide (batch 1): a broad grid over rows per program, codes per step, K splits, warps and loop style
+# (num_stages 2: hand prefetch one step ahead; 3-4: Triton's pipeliner, slab kernels only)
+WIDE = {
+    "gemv": [C(bn, bk, w, 2, split=sp) for bn in (16, 32, 64) for bk in (256, 512) for sp in (1, 2, 4, 8)
+             for w in (4, 8)],
+    "slab16": [C(bn, bk, w, st, split=sp) for bn in (16, 32, 64, 128) for bk in (256, 512) for sp in (1, 2, 4, 8)
+               for w in (4, 8) for st in (2, 4) if bn * bk <= 32768],
+}  # fmt: skip
 
 
 def _tu():
@@ -68,7 +76,7 @@ def _tu():
     return triton_uniform
 
 
-def plan_tasks(shapes, bits_list, batches, sweep: bool, m1_paths, sweep_paths) -> list[tuple]:
+def plan_tasks(shapes, bits_list, batches, sweep: bool, m1_paths, sweep_paths, wide: bool = False) -> list[tuple]:
     """Every (N, K, bits, group, M, path, config, dtype, act_order) that main() compiles and times."""
     return [
         (N, K, b, GROUP, M, p, c, torch.float16, False)
@@ -76,7 +84,7 @@ def plan_tasks(shapes, bits_list, batches, sweep: bool, m1_paths, sweep_paths) -
         for b in bits_list
         for M in batches
         for p in paths_for(M, b, sweep, m1_paths)
-        for c in candidates(p, b, N, K, M, sweep or p in sweep_paths)
+        for c in candidates(p, b, N, K, M, sweep or p in sweep_paths, wide)
     ]
 
 
@@ -182,8 +190,10 @@ def precompile(tasks, workers: int = 14, fn=_compile_task) -> None:
     print(f"precompiled {len(unique)} kernel calls in {time.time() - t0:.0f}s", flush=True)
 
 
-def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool):
+def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool, wide: bool = False):
     uc, _ = cfgs.unit_geometry(bits)
+    if wide and M == 1 and path in WIDE:
+        return [c for c in WIDE[path] if c.bk >= uc]
     if path in ("slab", "slab16") and bits == 8:
         return [c for c in SWEEP["slab"] if c.bk >= 512] if sweep else [cfgs.pick_config(path, bits, N, K, M)]
     if not sweep:
@@ -287,6 +297,7 @@ def main() -> None:
     ap.add_argument("--sweep-log", default=None, help="with --sweep: write every config's time here")
     ap.add_argument("--m1-paths", default="gemv,slab,slab16", help="kernels timed (one row each) at M = 1")
     ap.add_argument("--sweep-paths", default=None, help="sweep SWEEP configs for these paths only, e.g. slab,slab16")
+    ap.add_argument("--wide", action="store_true", help="batch 1: sweep the broad WIDE grid for gemv and slab16")
     ap.add_argument("--aqlm", action="store_true", help="also time the experimental AQLM 2x8 GEMV (batch 1)")
     ap.add_argument("--tuned-json", default=None, help="write the best configs found here (decode_7b.py --tuned)")
     args = ap.parse_args()
@@ -294,13 +305,13 @@ def main() -> None:
     sweep_paths = set(args.sweep_paths.split(",")) if args.sweep_paths else set()
 
     def cands(path, bits, N, K, M):
-        return candidates(path, bits, N, K, M, args.sweep or path in sweep_paths)
+        return candidates(path, bits, N, K, M, args.sweep or path in sweep_paths, args.wide)
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     bits_list = [int(b) for b in args.bits.split(",")] if args.bits else BITS
     batches = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
 
-    tasks = plan_tasks(shapes, bits_list, batches, args.sweep, m1_paths, sweep_paths)
+    tasks = plan_tasks(shapes, bits_list, batches, args.sweep, m1_paths, sweep_paths, args.wide)
     precompile(tasks, args.workers)
 
     dev = torch.cuda.get_device_name()

@@ -96,10 +96,10 @@ _INTERPRET = textwrap.dedent(
     from tests.test_kernels_slab import _layer
     worst = 0.0
     # (N, K, group, config): masked tiles, a K range split in two, an odd K (one group), and an EVEN layer
-    # (whole tiles, no masks, the last prefetch clamped)
-    cases = [(24, 200, 40, (16, 256, 2)), (40, 576, 128, (16, 256, 2)), (33, 75, 75, (16, 256, 1)),
-             (64, 1024, 128, (64, 512, 2)), (32, 512, 128, (32, 256, 1))]
-    for (N, K, group, (bn, bk, split)) in cases:
+    # (whole tiles, no masks, the last prefetch clamped); stages 3 = Triton's pipelined loop instead of the prefetch
+    cases = [(24, 200, 40, (16, 256, 2, 2)), (40, 576, 128, (16, 256, 2, 3)), (33, 75, 75, (16, 256, 1, 2)),
+             (64, 1024, 128, (64, 512, 2, 2)), (32, 512, 128, (32, 256, 1, 2)), (64, 1024, 128, (32, 256, 2, 3))]
+    for (N, K, group, (bn, bk, split, stages)) in cases:
         for bits in (2, 4, 8):
             qw = _layer(N, K, bits, group)
             if not tu.cfgs.slab_ok(bits, group, qw.n_groups):
@@ -108,7 +108,7 @@ _INTERPRET = textwrap.dedent(
                 x = torch.randn(1, K).half()
                 b = torch.randn(N).half()
                 y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group, b, path,
-                                      tu.KernelConfig(bn, bk, split=split))
+                                      tu.KernelConfig(bn, bk, num_stages=stages, split=split))
                 ref = x.double() @ qw.dequantize(torch.float64).T + b.double()
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
     assert worst < 3e-3, worst

@@ -113,21 +113,92 @@ def _split_pair(x2, XBF16: tl.constexpr):
 
 
 @triton.jit
+def _load_slabs(w_ptrs, t0, t_hi, nmask, rsl, WPG: tl.constexpr, EVEN: tl.constexpr):
+    """Word tile [SL, BN, WPG] of slabs t0 .. t0 + SL - 1 (zeros past t_hi or past the rows)."""
+    if EVEN:
+        w = tl.load(w_ptrs + t0 * WPG)
+    else:
+        w = tl.load(w_ptrs + t0 * WPG, mask=nmask[None, :, None] & (t0 + rsl < t_hi)[:, None, None], other=0)
+    return w
+
+
+@triton.jit
+def _slab_step(
+    acc, w, t0, t_hi, x_ptrs, s_ptr, z_ptr, s_rows, nmask, rsl, rv, G, GROUP, KH,
+    BITS: tl.constexpr, WPG: tl.constexpr, SL: tl.constexpr, BN: tl.constexpr,
+    HALF: tl.constexpr, ASM: tl.constexpr, XBF16: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    """acc [SL, BN, WPG] + the products of one loop step's words w (slabs t0 .. t0 + SL - 1)."""
+    HP: tl.constexpr = 16 // BITS  # fields per 16-bit half
+    SP: tl.constexpr = HP * WPG  # column pairs per slab
+    S: tl.constexpr = 2 * SP  # codes per slab
+    slab = t0 + rsl  # [SL]
+    g = slab * S // GROUP
+    if EVEN:
+        sc = tl.load(s_ptr + s_rows + g[:, None]).to(tl.float32)  # [SL, BN]
+        zc = tl.load(z_ptr + s_rows + g[:, None]).to(tl.float32)
+    else:
+        gmask = nmask[None, :] & ((slab < t_hi) & (g < G))[:, None]
+        sc = tl.load(s_ptr + s_rows + g[:, None], mask=gmask, other=0.0).to(tl.float32)
+        zc = tl.load(z_ptr + s_rows + g[:, None], mask=gmask, other=0.0).to(tl.float32)
+    xp = x_ptrs + t0 * SP
+    pair0 = slab[:, None] * SP + rv[None, :]  # [SL, WPG]: pair index of field 0
+    if HALF and ASM:
+        d2 = tl.zeros([SL, BN, WPG], dtype=tl.int32)  # half2 (0, 0)
+        xs2 = tl.zeros([SL, WPG], dtype=tl.int32)
+        for J in tl.static_range(HP):
+            if EVEN:
+                x2 = tl.load(xp + J * WPG)
+            else:
+                x2 = tl.load(xp + J * WPG, mask=pair0 + J * WPG < KH, other=0)
+            xs2 = _hadd2(xs2, x2)
+            d2 = _half_mac(w, tl.broadcast_to(x2[:, None, :], [SL, BN, WPG]), d2, J, BITS)
+        d = _half_sum(d2)
+        xsum = _half_sum(xs2)
+    else:
+        d = tl.zeros([SL, BN, WPG], dtype=tl.float32)
+        xsum = tl.zeros([SL, WPG], dtype=tl.float32)
+        for J in tl.static_range(HP):
+            if EVEN:
+                x2 = tl.load(xp + J * WPG)
+            else:
+                x2 = tl.load(xp + J * WPG, mask=pair0 + J * WPG < KH, other=0)
+            x_lo, x_hi = _split_pair(x2, XBF16)
+            xsum += x_lo + x_hi
+            if HALF:
+                # the half2 path's shifts and masks, in fp32 (interpreter)
+                SJ: tl.constexpr = J * BITS
+                FAR: tl.constexpr = ((1 << BITS) - 1) * (1 << SJ) >= 1024
+                SH: tl.constexpr = SJ - 8 * FAR
+                src = w
+                if FAR:
+                    src = w >> 8
+                q_lo = ((src >> SH) & ((1 << BITS) - 1)).to(tl.float32)
+                q_hi = ((src >> (16 + SH)) & ((1 << BITS) - 1)).to(tl.float32)
+            else:
+                q_lo = _code(w, w, w, J, BITS, ASM)
+                q_hi = _code(w, w, w, J + HP, BITS, ASM)
+            d += q_lo * x_lo[:, None, :]  # two separate FFMA chains (a sum of products first costs FMUL + FADD)
+            d += q_hi * x_hi[:, None, :]
+    return acc + sc[:, :, None] * (d - zc[:, :, None] * xsum[:, None, :])
+
+
+@triton.jit
 def _slab_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, KH, n_slab, slabs_per_split, G, GROUP, stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr, WPG: tl.constexpr, SL: tl.constexpr, BN: tl.constexpr,
     HALF: tl.constexpr, ASM: tl.constexpr, XBF16: tl.constexpr, EVEN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """y[m, rn] = x[m] . W[rn]^T for activation row m = program_id(1), K split over program_id(2).
 
     x_ptr: the activations as int32 column pairs [M, KH]; EVEN: N % BN == 0 and every loop step holds
-    whole in-range slabs (no masks).
+    whole in-range slabs (no masks). STAGES <= 2: the next step's words are prefetched by hand (one tile
+    ahead); STAGES >= 3: Triton's software pipeliner keeps STAGES - 1 steps in flight.
     """
     HP: tl.constexpr = 16 // BITS  # fields per 16-bit half
     SP: tl.constexpr = HP * WPG  # column pairs per slab
-    S: tl.constexpr = 2 * SP  # codes per slab
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -144,68 +215,22 @@ def _slab_gemv_kernel(
     x_ptrs = x_ptr + m.to(tl.int64) * stride_xm + (rsl[:, None] * SP + rv[None, :])  # [SL, WPG], field 0 of slab 0
     s_rows = rn[None, :].to(tl.int64) * stride_sn  # [1, BN]
     acc = tl.zeros([SL, BN, WPG], dtype=tl.float32)
-    # software prefetch: the next step's words are in flight while this one is decoded
-    if EVEN:
-        wn = tl.load(w_ptrs + t_lo * WPG)
+    if STAGES >= 3:
+        for t0 in tl.range(t_lo, t_hi, SL, num_stages=STAGES):
+            w = _load_slabs(w_ptrs, t0, t_hi, nmask, rsl, WPG, EVEN)
+            acc = _slab_step(acc, w, t0, t_hi, x_ptrs, s_ptr, z_ptr, s_rows, nmask, rsl, rv, G, GROUP, KH,
+                             BITS, WPG, SL, BN, HALF, ASM, XBF16, EVEN)  # fmt: skip
     else:
-        wn = tl.load(w_ptrs + t_lo * WPG, mask=nmask[None, :, None] & (t_lo + rsl < t_hi)[:, None, None], other=0)
-    for t0 in range(t_lo, t_hi, SL):
-        w = wn
-        if EVEN:
-            wn = tl.load(w_ptrs + tl.minimum(t0 + SL, t_hi - SL) * WPG)  # the last prefetch re-reads a valid tile
-        else:
-            wn = tl.load(
-                w_ptrs + (t0 + SL) * WPG, mask=nmask[None, :, None] & (t0 + SL + rsl < t_hi)[:, None, None], other=0
-            )
-        slab = t0 + rsl  # [SL]
-        g = slab * S // GROUP
-        if EVEN:
-            sc = tl.load(s_ptr + s_rows + g[:, None]).to(tl.float32)  # [SL, BN]
-            zc = tl.load(z_ptr + s_rows + g[:, None]).to(tl.float32)
-        else:
-            gmask = nmask[None, :] & ((slab < t_hi) & (g < G))[:, None]
-            sc = tl.load(s_ptr + s_rows + g[:, None], mask=gmask, other=0.0).to(tl.float32)
-            zc = tl.load(z_ptr + s_rows + g[:, None], mask=gmask, other=0.0).to(tl.float32)
-        xp = x_ptrs + t0 * SP
-        pair0 = slab[:, None] * SP + rv[None, :]  # [SL, WPG]: pair index of field 0
-        if HALF and ASM:
-            d2 = tl.zeros([SL, BN, WPG], dtype=tl.int32)  # half2 (0, 0)
-            xs2 = tl.zeros([SL, WPG], dtype=tl.int32)
-            for J in tl.static_range(HP):
-                if EVEN:
-                    x2 = tl.load(xp + J * WPG)
-                else:
-                    x2 = tl.load(xp + J * WPG, mask=pair0 + J * WPG < KH, other=0)
-                xs2 = _hadd2(xs2, x2)
-                d2 = _half_mac(w, tl.broadcast_to(x2[:, None, :], [SL, BN, WPG]), d2, J, BITS)
-            d = _half_sum(d2)
-            xsum = _half_sum(xs2)
-        else:
-            d = tl.zeros([SL, BN, WPG], dtype=tl.float32)
-            xsum = tl.zeros([SL, WPG], dtype=tl.float32)
-            for J in tl.static_range(HP):
-                if EVEN:
-                    x2 = tl.load(xp + J * WPG)
-                else:
-                    x2 = tl.load(xp + J * WPG, mask=pair0 + J * WPG < KH, other=0)
-                x_lo, x_hi = _split_pair(x2, XBF16)
-                xsum += x_lo + x_hi
-                if HALF:
-                    # the half2 path's shifts and masks, in fp32 (interpreter)
-                    SJ: tl.constexpr = J * BITS
-                    FAR: tl.constexpr = ((1 << BITS) - 1) * (1 << SJ) >= 1024
-                    SH: tl.constexpr = SJ - 8 * FAR
-                    src = w
-                    if FAR:
-                        src = w >> 8
-                    q_lo = ((src >> SH) & ((1 << BITS) - 1)).to(tl.float32)
-                    q_hi = ((src >> (16 + SH)) & ((1 << BITS) - 1)).to(tl.float32)
-                else:
-                    q_lo = _code(w, w, w, J, BITS, ASM)
-                    q_hi = _code(w, w, w, J + HP, BITS, ASM)
-                d += q_lo * x_lo[:, None, :]  # two separate FFMA chains (a sum of products first costs FMUL + FADD)
-                d += q_hi * x_hi[:, None, :]
-        acc += sc[:, :, None] * (d - zc[:, :, None] * xsum[:, None, :])
+        # software prefetch: the next step's words are in flight while this one is decoded
+        wn = _load_slabs(w_ptrs, t_lo, t_hi, nmask, rsl, WPG, EVEN)
+        for t0 in range(t_lo, t_hi, SL):
+            w = wn
+            if EVEN:
+                wn = _load_slabs(w_ptrs, tl.minimum(t0 + SL, t_hi - SL), t_hi, nmask, rsl, WPG, EVEN)  # stays valid
+            else:
+                wn = _load_slabs(w_ptrs, t0 + SL, t_hi, nmask, rsl, WPG, EVEN)
+            acc = _slab_step(acc, w, t0, t_hi, x_ptrs, s_ptr, z_ptr, s_rows, nmask, rsl, rv, G, GROUP, KH,
+                             BITS, WPG, SL, BN, HALF, ASM, XBF16, EVEN)  # fmt: skip
     y = tl.sum(tl.sum(acc, axis=2), axis=0)  # [BN]
     omask = nmask
     if SPLIT > 1:
@@ -264,6 +289,6 @@ def slab_gemv(
         M, N, xp.shape[1], T, per, n_groups, group_size, xp.stride(0), words.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, WPG=wpg, SL=sl, BN=cfg.bn, HALF=half and x.dtype == torch.float16, ASM=not _interpreting(),
         XBF16=x.dtype == torch.bfloat16, EVEN=even, HAS_BIAS=bias is not None, SPLIT=split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
