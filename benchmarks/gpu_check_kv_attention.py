@@ -44,8 +44,8 @@ HEADS, HEAD_DIM, IMAGE = 32, 128, (5, 581)
 TOL_REF, TOL_SDPA = 2e-3, 1e-2  # fp16 output rounding; + fp16 scores/probabilities inside SDPA
 FULL = [(1, 600), (1, 4096), (16, 600), (16, 2048), (64, 600), (64, 2048), (64, 4096)]
 QUICK = [(1, 600), (16, 2048), (64, 4096)]
-# (tokens per tile, warps) timed besides the default; all compile for sm_90 without spills
-TILE_VARIANTS = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
+# (kernel, tokens per tile, warps) timed besides the default; all compile for sm_90 without spills
+TILE_VARIANTS = [("simt", 64, 4), ("tc", 32, 4), ("tc", 64, 4), ("tc", 64, 8), ("tc", 128, 4), ("tc", 128, 8)]
 
 
 def build_layer(layout: str, bits: int, batch: int, length: int, kv_heads: int, seed: int, device: str) -> AKVQLayer:
@@ -128,9 +128,9 @@ def run_case(layout, bits, batch, length, q_heads, kv_heads, bench, device="cuda
         row["kernel_us"] = 1e3 * t_kernel
         # other tile shapes (tokens per tile, warps) that compile without spills; the best one is reported
         row["variants"] = {}
-        for blk, w in TILE_VARIANTS:
-            fn = functools.partial(packed_decode_partials, *args, block=blk, num_warps=w)
-            row["variants"][f"{blk}x{w}"] = 1e3 * do_bench(fn, return_mode="median")
+        for kind, blk, w in TILE_VARIANTS:
+            fn = functools.partial(packed_decode_partials, *args, block=blk, num_warps=w, kernel=kind)
+            row["variants"][f"{kind} {blk}x{w}"] = 1e3 * do_bench(fn, return_mode="median")
         row["kernel_gbs"] = (seg.k.nbytes + seg.v.nbytes + idx.nbytes) / (t_kernel * 1e-3) / 1e9
         row["fused_us"] = 1e3 * do_bench(lambda: layer_decode_attention(layer, q, None, scale), return_mode="median")
 
@@ -260,7 +260,7 @@ def table(rows: list[dict]) -> str:
     nan = float("nan")
     lines = [
         "| layout | bits | batch | tokens | heads q/kv | rel ref | rel sdpa | kernel us | kernel GB/s "
-        "| best tile (tokens x warps): us | fused us | torch path us | fp16 sdpa us | fp16 GB/s | fp16 / fused "
+        "| best kernel, tile (tokens x warps): us | fused us | torch path us | fp16 sdpa us | fp16 GB/s | fp16 / fused "
         "| cache fp16 / akvq |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -43,13 +43,16 @@ import torch
 import triton
 import triton.language as tl
 
-from casp.kernels.triton_uniform import _decode, _interpreting
+from casp.kernels.triton_uniform import _codes_fp16, _decode, _interpreting
 
 KERNEL_BITS = (2, 4)
 # Tokens per tile and warps per program: 64 x 4 was the fastest of 16x4, 32x4, 64x4, 64x8 and 128x8 in every
 # LLaVA-7B-shaped case on an H100 (benchmarks/results/kv_attention_h100.txt); 128-168 registers, no spills.
 BLOCK_N = 64
 NUM_WARPS = 4
+# The tensor-core kernel's tokens per tile (4 warps): 32 was the fastest of 32, 64 and 128 at 4 query heads per
+# KV head (batch 16 x 2048 tokens); 128 only wins with one query head per KV head, where "simt" is the default.
+TC_BLOCK_N = 32
 # Aim for about this many programs per call before splitting the sequence (132 SMs x several waves).
 _TARGET_PROGRAMS = 1024
 
@@ -177,6 +180,126 @@ def _packed_decode_kernel(
     tl.store(ACC_OUT + out * D + offs_d, acc)
 
 
+@triton.jit
+def _pair_channel(c, UC: tl.constexpr):
+    """Channel of column c of a pair-order tile (triton_uniform._codes_fp16): column u*UC + 2j + h holds
+    code j + h*UC/2 of word u, i.e. channel u*UC + j + h*UC/2."""
+    r = c % UC
+    return (c // UC) * UC + r // 2 + (r % 2) * (UC // 2)
+
+
+@triton.jit
+def _load_tile_tc(ib, KC, KS, KZ, VC, VS, VZ, hk, n0, start, L, tokens_per_split,
+                  stride_kc_n, stride_kc_h, stride_ks_n, stride_ks_h, stride_vc_n, stride_vc_h, stride_vs_n,
+                  stride_vs_h, DW: tl.constexpr, WPG: tl.constexpr, FACTORED: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """One tile's reads for the tensor-core kernel: valid [BLOCK], words [BLOCK, DW], and the scales/zeros
+    per token [BLOCK] (FACTORED: one group per head) or per word [BLOCK, DW] (group of word u: u // WPG)."""
+    offs_n = start + n0 + tl.arange(0, BLOCK)
+    in_range = (offs_n < L) & (offs_n < start + tokens_per_split)
+    rows = tl.load(ib + offs_n, mask=in_range, other=-1)
+    valid = rows >= 0
+    rows64 = tl.where(valid, rows, 0).to(tl.int64)
+    offs_w = tl.arange(0, DW)
+    kw = tl.load(KC + rows64[:, None] * stride_kc_n + hk * stride_kc_h + offs_w[None, :], mask=valid[:, None], other=0)
+    vw = tl.load(VC + rows64[:, None] * stride_vc_n + hk * stride_vc_h + offs_w[None, :], mask=valid[:, None], other=0)
+    if FACTORED:
+        kso = rows64 * stride_ks_n + hk * stride_ks_h
+        vso = rows64 * stride_vs_n + hk * stride_vs_h
+        smask = valid
+    else:
+        g = offs_w // WPG
+        kso = rows64[:, None] * stride_ks_n + hk * stride_ks_h + g[None, :]
+        vso = rows64[:, None] * stride_vs_n + hk * stride_vs_h + g[None, :]
+        smask = valid[:, None]
+    ks = tl.load(KS + kso, mask=smask, other=0.0)
+    kz = tl.load(KZ + kso, mask=smask, other=0.0)
+    vs = tl.load(VS + vso, mask=smask, other=0.0)
+    vz = tl.load(VZ + vso, mask=smask, other=0.0)
+    return valid, kw, vw, ks, kz, vs, vz
+
+
+@triton.jit
+def _packed_decode_tc_kernel(
+    Q, KC, KS, KZ, VC, VS, VZ, IDX, M_OUT, L_OUT, ACC_OUT,
+    sm_scale, L, tokens_per_split, num_kv_heads, num_splits,
+    stride_qb, stride_qh, stride_kc_n, stride_kc_h, stride_ks_n, stride_ks_h, stride_vc_n, stride_vc_h,
+    stride_vs_n, stride_vs_h, stride_ib,
+    GQA: tl.constexpr, QB: tl.constexpr, BITS: tl.constexpr, DW: tl.constexpr, WPG: tl.constexpr,
+    FACTORED: tl.constexpr, BLOCK: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """Same partials as _packed_decode_kernel, on tensor cores: one program per (batch row, KV head, split)
+    serves the KV head's GQA query heads as the rows of a [QB, D] block (padded to QB >= 16 rows), so the
+    packed codes are read once per KV head. Codes are decoded to fp16 in pair order (two codes per LOP3)
+    and the query and output columns follow the same order (_pair_channel).
+
+    FACTORED (one quantization group per head): the dots run on the raw codes, exact in fp16, and the
+    token's scale and zero are applied to the scores in fp32, s_j = scale * s_j' (q . c_j - z_j sum(q)),
+    and to the probabilities, p_j s_j (fp16) . c_j - sum_j p_j s_j z_j. Otherwise the codes are decoded
+    straight to fp16 weights (c - z) s with per-word scales (groups of whole words)."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    hk = pid_bh % num_kv_heads
+    UC: tl.constexpr = 32 // BITS
+    D: tl.constexpr = DW * UC
+    chan = _pair_channel(tl.arange(0, D), UC)  # [D]: channel of each pair-order column
+    rq = tl.arange(0, QB)
+    qmask = rq < GQA
+    h = hk * GQA + rq
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + chan[None, :], mask=qmask[:, None], other=0.0)
+    q16 = q.to(tl.float16)
+    q_sum = tl.sum(q16.to(tl.float32), axis=1)  # [QB]
+
+    m_i = tl.full([QB], float("-inf"), tl.float32)
+    l_i = tl.zeros([QB], tl.float32)
+    acc = tl.zeros([QB, D], tl.float32)
+    vzs = tl.zeros([QB], tl.float32)  # FACTORED: sum_j p_j s_j z_j, subtracted at the end
+
+    ib = IDX + b * stride_ib
+    start = pid_s * tokens_per_split
+    valid_n, kw_n, vw_n, ks_n, kz_n, vs_n, vz_n = _load_tile_tc(
+        ib, KC, KS, KZ, VC, VS, VZ, hk, 0, start, L, tokens_per_split, stride_kc_n, stride_kc_h, stride_ks_n,
+        stride_ks_h, stride_vc_n, stride_vc_h, stride_vs_n, stride_vs_h, DW, WPG, FACTORED, BLOCK)  # fmt: skip
+    for n0 in range(0, tokens_per_split, BLOCK):
+        valid, kw, vw, ks, kz, vs, vz = valid_n, kw_n, vw_n, ks_n, kz_n, vs_n, vz_n
+        valid_n, kw_n, vw_n, ks_n, kz_n, vs_n, vz_n = _load_tile_tc(
+            ib, KC, KS, KZ, VC, VS, VZ, hk, n0 + BLOCK, start, L, tokens_per_split, stride_kc_n, stride_kc_h,
+            stride_ks_n, stride_ks_h, stride_vc_n, stride_vc_h, stride_vs_n, stride_vs_h, DW, WPG, FACTORED,
+            BLOCK)  # fmt: skip
+        if FACTORED:
+            kc = _codes_fp16(kw, kw, kw, BITS, False, ASM)  # [BLOCK, D] raw codes, pair order
+            d = tl.dot(q16, tl.trans(kc))  # [QB, BLOCK]
+            s = (d - q_sum[:, None] * kz.to(tl.float32)[None, :]) * (ks.to(tl.float32) * sm_scale)[None, :]
+        else:
+            kd = _codes_fp16(kw, ks, kz, BITS, True, ASM)  # [BLOCK, D] fp16 keys (c - z) s
+            s = tl.dot(q16, tl.trans(kd)) * sm_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid token yet: keep exp() finite
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])  # [QB, BLOCK], 0 for skipped slots
+        if FACTORED:
+            vsf = vs.to(tl.float32)
+            ps = p * vsf[None, :]
+            vc = _codes_fp16(vw, vw, vw, BITS, False, ASM)
+            pv = tl.dot(ps.to(tl.float16), vc)  # [QB, D]
+            vzs = vzs * alpha + tl.sum(ps * vz.to(tl.float32)[None, :], axis=1)
+        else:
+            vd = _codes_fp16(vw, vs, vz, BITS, True, ASM)
+            pv = tl.dot(p.to(tl.float16), vd)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+    if FACTORED:
+        acc = acc - vzs[:, None]
+    out = (b * num_kv_heads * GQA + h) * num_splits + pid_s  # [QB]
+    tl.store(M_OUT + out, m_i, mask=qmask)
+    tl.store(L_OUT + out, l_i, mask=qmask)
+    tl.store(ACC_OUT + out[:, None] * D + chan[None, :], acc, mask=qmask[:, None])
+
+
 def _words(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, H, DB] viewed as int32 words [N, H, DB / 4] (copied first if the view is not possible)."""
     if codes.stride(-1) != 1 or codes.stride(0) % 4 or codes.stride(1) % 4 or codes.storage_offset() % 4:
@@ -184,11 +307,18 @@ def _words(codes: torch.Tensor) -> torch.Tensor:
     return codes.view(torch.int32)
 
 
-def num_splits_for(batch: int, q_heads: int, length: int, block: int = BLOCK_N) -> int:
-    """Splits of the sequence so that a call has about _TARGET_PROGRAMS programs (at least one tile each)."""
+def num_splits_for(batch: int, heads: int, length: int, block: int = BLOCK_N) -> int:
+    """Splits of the sequence so that a call has about _TARGET_PROGRAMS programs (at least one tile each);
+    ``heads``: programs per batch row (query heads for the CUDA-core kernel, KV heads for the tensor-core one)."""
     tiles = max(1, -(-length // block))
-    want = max(1, -(-_TARGET_PROGRAMS // max(1, batch * q_heads)))
+    want = max(1, -(-_TARGET_PROGRAMS // max(1, batch * heads)))
     return min(tiles, want)
+
+
+def tc_supported(bits: int, head_dim: int, n_groups: int) -> bool:
+    """The tensor-core kernel applies: 2/4-bit codes, head dim >= 16, groups of whole 32-bit words."""
+    uc = 32 // bits
+    return bits in KERNEL_BITS and head_dim >= 16 and head_dim % n_groups == 0 and (head_dim // n_groups) % uc == 0
 
 
 def packed_decode_partials(
@@ -203,13 +333,18 @@ def packed_decode_partials(
     bits: int,
     sm_scale: float,
     splits: int | None = None,
-    block: int = BLOCK_N,
-    num_warps: int = NUM_WARPS,
+    block: int | None = None,
+    num_warps: int | None = None,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial attention (m, l, acc) of queries ``q`` [B, Hq, D] over one packed store (module docstring).
 
     k_codes/v_codes: uint8 [N, Hkv, NG, GB]; scales/zeros fp16 [N, Hkv, NG]; idx int32 [B, L].
     Returns m, l fp32 [B, Hq, S] and acc fp32 [B, Hq, S, D] for S = ``splits`` (default: num_splits_for).
+    ``kernel``: "tc" (tensor cores, one program per KV head), "simt" (CUDA cores, one per query head), or
+    None: "tc" under grouped-query attention where ``tc_supported`` (it reads the codes once per KV head instead
+    of once per query head: 2.7x faster at 4 query heads per KV head on an H100), else "simt" (as fast or faster
+    with one query head per KV head; kv_attention_h100.txt). ``block``/``num_warps`` None: the kernel's default.
     """
     if bits not in KERNEL_BITS:
         raise ValueError(f"the packed decode kernel supports bits {KERNEL_BITS}, got {bits}")
@@ -224,8 +359,17 @@ def packed_decode_partials(
         raise ValueError(f"head dim {d} at {bits} bits is {db} bytes, not a power of two of at least one word")
     if idx.shape[0] != b or idx.dtype != torch.int32:
         raise ValueError(f"idx must be int32 [B={b}, L], got {idx.dtype} {tuple(idx.shape)}")
+    kernel = kernel or ("tc" if hq > hkv and tc_supported(bits, d, ng) else "simt")
+    if kernel not in ("tc", "simt"):
+        raise ValueError(f"kernel must be 'tc' or 'simt', got {kernel!r}")
+    if kernel == "tc" and not tc_supported(bits, d, ng):
+        raise ValueError(f"the tensor-core kernel needs groups of whole words; head dim {d}, {ng} groups, {bits} bits")
+    block = block or (TC_BLOCK_N if kernel == "tc" else BLOCK_N)
+    num_warps = num_warps or NUM_WARPS
     length = idx.shape[1]
-    splits = splits or num_splits_for(b, hq, length, block)
+    gqa = hq // hkv
+    programs = hkv if kernel == "tc" else hq
+    splits = splits or num_splits_for(b, programs, length, block)
     per_split = -(-max(1, length) // splits)
     per_split = -(-per_split // block) * block
     q = q.contiguous()
@@ -241,41 +385,20 @@ def packed_decode_partials(
     m = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)
     acc = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
-    grid = (b * hq, splits)
-    _packed_decode_kernel[grid](
-        q,
-        kc,
-        ks,
-        kz,
-        vc,
-        vs,
-        vz,
-        idx,
-        m,
-        l_sum,
-        acc,
-        float(sm_scale),
-        length,
-        per_split,
-        hq,
-        splits,
-        q.stride(0),
-        q.stride(1),
-        kc.stride(0),
-        kc.stride(1),
-        ks.stride(0),
-        ks.stride(1),
-        vc.stride(0),
-        vc.stride(1),
-        vs.stride(0),
-        vs.stride(1),
-        idx.stride(0),
-        GQA=hq // hkv,
-        BITS=bits,
-        DW=db // 4,
-        NG=ng,
-        BLOCK=block,
-        ASM=not _interpreting(),
-        num_warps=num_warps,
-    )
+    strides = (
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
+        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1), idx.stride(0),
+    )  # fmt: skip
+    if kernel == "tc":
+        uc = 32 // bits
+        _packed_decode_tc_kernel[(b * hkv, splits)](
+            q, kc, ks, kz, vc, vs, vz, idx, m, l_sum, acc, float(sm_scale), length, per_split, hkv, splits, *strides,
+            GQA=gqa, QB=max(16, triton.next_power_of_2(gqa)), BITS=bits, DW=db // 4, WPG=d // ng // uc,
+            FACTORED=ng == 1, BLOCK=block, ASM=not _interpreting(), num_warps=num_warps,
+        )  # fmt: skip
+    else:
+        _packed_decode_kernel[(b * hq, splits)](
+            q, kc, ks, kz, vc, vs, vz, idx, m, l_sum, acc, float(sm_scale), length, per_split, hq, splits, *strides,
+            GQA=gqa, BITS=bits, DW=db // 4, NG=ng, BLOCK=block, ASM=not _interpreting(), num_warps=num_warps,
+        )  # fmt: skip
     return m, l_sum, acc

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from casp.kv.quantizer import SUPPORTED_BITS, PackedKV, default_clip, dequantize, quantize_tokens
+from casp.kv.quantizer import SUPPORTED_BITS, PackedKV, default_clip, dequantize, kernel_layout_ok, quantize_tokens
 from casp.kv.rotation import check_head_dim, is_value_rotation_folded
 from casp.kv.saliency import KVSaliencyProfile, pivot_mask
 
@@ -418,6 +418,9 @@ class AKVQLayer(WindowedQuantLayer):
         self._init_store()
         self.image_mask: torch.Tensor | None = None  # [B, T_prefill], set by AKVQCache.prepare
         self.pivots: torch.Tensor | None = None  # [B, T_prefill] bool, set at prefill (PSA)
+        # Quantize into / dequantize from the store with the Triton kernels (casp.kernels.triton_kv_quant,
+        # triton_kv_dequant): None = on CUDA when triton is installed (_use_triton), True = forced, False = never
+        self.use_triton: bool | None = None
 
     def _init_store(self) -> None:
         self.token_class: torch.Tensor | None = None
@@ -464,7 +467,12 @@ class AKVQLayer(WindowedQuantLayer):
         return prefix.nonzero() if bool(prefix.any()) else None
 
     def _encode(self, rows: torch.Tensor, cls: int, rotate: bool) -> PackedKV:
-        return _quantize_rows(rows, self.bits[cls], self.group, self.clip[cls], self._h() if rotate else None)
+        h = self._h() if rotate else None
+        if self._use_triton(rows):
+            from casp.kernels.triton_kv_quant import quantize_rows
+
+            return quantize_rows(rows, self.bits[cls], self.group, self.clip[cls], h)
+        return _quantize_rows(rows, self.bits[cls], self.group, self.clip[cls], h)
 
     def _decode(self, rows: PackedKV, rotate: bool) -> torch.Tensor:
         x = dequantize(rows, self.dtype)
@@ -498,6 +506,42 @@ class AKVQLayer(WindowedQuantLayer):
                 self.k_kept, self.v_kept = torch.cat([self.k_kept, k_new]), torch.cat([self.v_kept, v_new])
 
     def _load_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if self._use_triton(keys):
+            self._load_into_triton(keys, values)
+        else:
+            self._load_into_torch(keys, values)
+        if self.kept_pos is not None:
+            k_out, v_out = keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3)  # [S, B, H, d] views
+            k_out[self.kept_pos[:, 0], self.kept_pos[:, 1]] = self.k_kept
+            v_out[self.kept_pos[:, 0], self.kept_pos[:, 1]] = self.v_kept
+
+    def _use_triton(self, states: torch.Tensor) -> bool:
+        """The Triton kernels quantize and dequantize the store: on CUDA with triton (``use_triton`` None) or
+        when forced (True; CPU tensors only under TRITON_INTERPRET=1), where they apply
+        (casp.kv.quantizer.kernel_layout_ok)."""
+        d = states.shape[-1]
+        if self.use_triton is False or not all(kernel_layout_ok(d, b, self.group) for b in self.bits.values()):
+            return False
+        if self.use_triton:
+            return True
+        import importlib.util
+
+        cuda_half = states.is_cuda and states.dtype in (torch.float16, torch.bfloat16)
+        return cuda_half and importlib.util.find_spec("triton") is not None
+
+    def _load_into_triton(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        from casp.kernels.triton_kv_dequant import dequantize_rows_into
+
+        flat = self.token_class.flatten() if len(self.k_rows) > 1 else None
+        for c in self.k_rows:
+            # flat [S, B] position of each row of the class (rows of a one-class store are in that order)
+            dest = None if flat is None else (flat == c).nonzero().squeeze(1).to(torch.int32)
+            targets = ((keys, self.k_rows[c], self.rotate_keys), (values, self.v_rows[c], self.rotate_values))
+            for out, rows, rotate in targets:
+                h = self._h() if rotate else None
+                dequantize_rows_into(out, rows.codes, rows.scale, rows.zero, rows.bits, dest, h)
+
+    def _load_into_torch(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         s, b = self.token_class.shape
         h, d = keys.shape[1], keys.shape[-1]
         step = max(1, self.dequant_slice // (b * h * d))  # tokens per slice
@@ -520,9 +564,6 @@ class AKVQLayer(WindowedQuantLayer):
                         out[s0:s1] = part.view(s1 - s0, b, h, d)
                     else:
                         out[s0:s1][self.token_class[s0:s1] == c] = part
-        if self.kept_pos is not None:
-            k_out[self.kept_pos[:, 0], self.kept_pos[:, 1]] = self.k_kept
-            v_out[self.kept_pos[:, 0], self.kept_pos[:, 1]] = self.v_kept
 
     def _select_store(self, index: torch.Tensor) -> None:
         self._segments_cache = None
@@ -619,8 +660,10 @@ class AKVQLayer(WindowedQuantLayer):
     def set_pivots(self, hidden_states: torch.Tensor, k: int, ratio: float, extend: bool = False) -> None:
         """Pivot tokens of this layer from its prefill input hidden states [B, T, D]; ``extend``: the states
         of the next chunk of a prompt fed in chunks (its pivots are chosen within the chunk, appended)."""
-        # Norms a few rows at a time: a full fp32 copy of a large prefill's hidden states is gigabytes.
-        norms = torch.cat([h.float().norm(dim=-1) for h in hidden_states.split(8)])  # [B, T]
+        # Norms a slice of rows at a time (about 2^26 elements): a full fp32 copy of a large prefill's hidden
+        # states is gigabytes, and slices of a few rows cost hundreds of launches per layer at large batch.
+        rows = max(1, (1 << 26) // max(1, hidden_states[0].numel()))
+        norms = torch.cat([h.float().norm(dim=-1) for h in hidden_states.split(rows)])  # [B, T]
         mask = pivot_mask(norms, k, ratio)
         self.pivots = torch.cat([self.pivots, mask], dim=1) if extend and self.pivots is not None else mask
 

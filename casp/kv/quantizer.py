@@ -80,6 +80,12 @@ class PackedKV:
         )
 
 
+def kernel_layout_ok(head_dim: int, bits: int, group: int) -> bool:
+    """The Triton KV kernels (casp.kernels.triton_kv_quant / triton_kv_dequant) handle this layout: 2/4/8 bits,
+    a power-of-two head dim >= 16 and quantization groups of whole 32-bit words."""
+    return bits in (2, 4, 8) and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and group * bits % 32 == 0
+
+
 def _check(x: torch.Tensor, bits: int, group: int, clip: float) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"KV quantization supports bits in {SUPPORTED_BITS}, got {bits}")
