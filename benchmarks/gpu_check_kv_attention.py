@@ -45,7 +45,15 @@ TOL_REF, TOL_SDPA = 2e-3, 1e-2  # fp16 output rounding; + fp16 scores/probabilit
 FULL = [(1, 600), (1, 4096), (16, 600), (16, 2048), (64, 600), (64, 2048), (64, 4096)]
 QUICK = [(1, 600), (16, 2048), (64, 4096)]
 # (kernel, tokens per tile, warps) timed besides the default; all compile for sm_90 without spills
-TILE_VARIANTS = [("simt", 64, 4), ("tc", 32, 4), ("tc", 64, 4), ("tc", 64, 8), ("tc", 128, 4), ("tc", 128, 8)]
+TILE_VARIANTS = [
+    ("simt", 8, 1),
+    ("simt", 16, 1),
+    ("simt", 16, 2),
+    ("simt", 32, 1),
+    ("simt", 64, 4),
+    ("tc", 32, 4),
+    ("tc", 128, 4),
+]
 
 
 def build_layer(layout: str, bits: int, batch: int, length: int, kv_heads: int, seed: int, device: str) -> AKVQLayer:
@@ -248,6 +256,36 @@ def profile_case(
     return "\n".join(lines)
 
 
+MERGE_VARIANTS = [(32, 4), (16, 1), (16, 2), (32, 1), (64, 2)]  # (window tokens per tile, warps)
+
+
+def merge_bench() -> list[str]:
+    """Time casp.kernels.triton_kv_merge.window_merge variants at kv-bench's largest-batch shapes."""
+    from triton.testing import do_bench
+
+    from casp.kernels.triton_kv_merge import window_merge
+
+    lines = ["", "window + merge kernel (window_merge) variants, us per call:"]
+    for b, w in ((160, 48), (792, 48), (64, 128)):
+        q = torch.randn(b, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16)
+        k = torch.randn(b, HEADS, w, HEAD_DIM, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        m = torch.randn(b, HEADS, 2, device="cuda")
+        l_sum = torch.rand(b, HEADS, 2, device="cuda") + 1
+        acc = torch.randn(b, HEADS, 2, HEAD_DIM, device="cuda")
+        ref = window_merge(q, k, v, None, m, l_sum, acc, 0.088)
+        times = []
+        for blk, warps in MERGE_VARIANTS:
+            out = window_merge(q, k, v, None, m, l_sum, acc, 0.088, blk, warps)
+            err = float((out - ref).abs().max())
+            fn = functools.partial(window_merge, q, k, v, None, m, l_sum, acc, 0.088, blk, warps)
+            us = 1e3 * do_bench(fn, return_mode="median")
+            times.append(f"{blk}x{warps}: {us:.0f} (max diff {err:.1e})")
+        gb = 2 * k.numel() * 2 / 1e9
+        lines.append(f"batch {b}, window {w} ({gb:.2f} GB of fp16 K+V): " + ", ".join(times))
+    return lines
+
+
 def _best_variant(row: dict) -> str:
     variants = row.get("variants")
     if not variants:
@@ -301,8 +339,16 @@ def main(argv=None) -> int:
         help="one small case on CPU (run with TRITON_INTERPRET=1), correctness only",
     )
     p.add_argument("--profile", action="store_true", help="only the host/GPU time breakdown of the fused call")
+    p.add_argument("--merge-bench", action="store_true", help="only the window_merge tile/warp variants")
     p.add_argument("--compiled", action="store_true", help="with --profile: also time torch.compile'd torch parts")
     args = p.parse_args(argv)
+    if args.merge_bench:
+        text = "\n".join(merge_bench())
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return 0
     if args.profile:
         cases = (("TSA", 2, 16, 2048), ("PSA", 2, 64, 600))
         text = "\n\n".join(profile_case(*case, compiled=args.compiled) for case in cases)

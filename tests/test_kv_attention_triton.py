@@ -108,17 +108,19 @@ _COMPILE = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from casp.kernels.triton_kv_attention import BLOCK_N, NUM_WARPS, _packed_decode_kernel, _packed_decode_tc_kernel
+    from casp.kernels.triton_kv_attention import BLOCK_N, NUM_WARPS, TC_BLOCK_N, TC_NUM_WARPS
+    from casp.kernels.triton_kv_attention import _packed_decode_kernel, _packed_decode_tc_kernel
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     variants = []
     for bits, ng, gqa in ((2, 1, 1), (4, 1, 1), (2, 2, 4), (4, 4, 2)):
         db = 128 * bits // 8
-        variants.append((_packed_decode_kernel, {"GQA": gqa, "BITS": bits, "DW": db // 4, "NG": ng, "BLOCK": BLOCK_N,
-                                                  "ASM": True}))
-        variants.append((_packed_decode_tc_kernel, {"GQA": gqa, "QB": max(16, gqa), "BITS": bits, "DW": db // 4,
-                                                     "WPG": db // 4 // ng, "FACTORED": ng == 1, "BLOCK": BLOCK_N,
-                                                     "ASM": True}))
-    for kernel, const in variants:
+        variants.append((_packed_decode_kernel, NUM_WARPS, {"GQA": gqa, "BITS": bits, "DW": db // 4, "NG": ng,
+                                                             "BLOCK": BLOCK_N, "ASM": True}))
+        variants.append((_packed_decode_tc_kernel, TC_NUM_WARPS, {"GQA": gqa, "QB": max(16, gqa), "BITS": bits,
+                                                                   "DW": db // 4, "WPG": db // 4 // ng,
+                                                                   "FACTORED": ng == 1, "BLOCK": TC_BLOCK_N,
+                                                                   "ASM": True}))
+    for kernel, warps, const in variants:
         sig = {name: "i32" for name in kernel.arg_names}
         sig.update({"Q": "*fp16", "KC": "*i32", "KS": "*fp16", "KZ": "*fp16", "VC": "*i32", "VS": "*fp16",
                     "VZ": "*fp16", "IDX": "*i32", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32",
@@ -126,7 +128,7 @@ _COMPILE = textwrap.dedent(
         sig.update({name: "constexpr" for name in const})
         constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
         src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert compiled.asm["cubin"]
         if os.path.exists(cuobjdump):
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

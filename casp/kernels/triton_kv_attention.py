@@ -46,13 +46,15 @@ import triton.language as tl
 from casp.kernels.triton_uniform import _codes_fp16, _decode, _interpreting
 
 KERNEL_BITS = (2, 4)
-# Tokens per tile and warps per program: 64 x 4 was the fastest of 16x4, 32x4, 64x4, 64x8 and 128x8 in every
-# LLaVA-7B-shaped case on an H100 (benchmarks/results/kv_attention_h100.txt); 128-168 registers, no spills.
-BLOCK_N = 64
-NUM_WARPS = 4
+# Tokens per tile and warps per program: one warp on 16-token tiles was the fastest CUDA-core variant on an H100
+# at batch >= 16 (1.5-1.9x faster than 64 x 4: every reduction stays inside the warp, no shared memory, and
+# many small programs keep loads in flight; benchmarks/results/kv_attention_h100.txt); 130-168 registers.
+BLOCK_N = 16
+NUM_WARPS = 1
 # The tensor-core kernel's tokens per tile (4 warps): 32 was the fastest of 32, 64 and 128 at 4 query heads per
 # KV head (batch 16 x 2048 tokens); 128 only wins with one query head per KV head, where "simt" is the default.
 TC_BLOCK_N = 32
+TC_NUM_WARPS = 4
 # Aim for about this many programs per call before splitting the sequence (132 SMs x several waves).
 _TARGET_PROGRAMS = 1024
 
@@ -365,7 +367,7 @@ def packed_decode_partials(
     if kernel == "tc" and not tc_supported(bits, d, ng):
         raise ValueError(f"the tensor-core kernel needs groups of whole words; head dim {d}, {ng} groups, {bits} bits")
     block = block or (TC_BLOCK_N if kernel == "tc" else BLOCK_N)
-    num_warps = num_warps or NUM_WARPS
+    num_warps = num_warps or (TC_NUM_WARPS if kernel == "tc" else NUM_WARPS)
     length = idx.shape[1]
     gqa = hq // hkv
     programs = hkv if kernel == "tc" else hq

@@ -23,7 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_W = 32  # window tokens per tile
+# Window tokens per tile and warps per program: one warp on 16-token tiles (reductions inside the warp) was 1.3-1.5x
+# faster than 32 x 4 at kv-bench's batch 160-792, window 48 on an H100: 240 us for 0.62 GB, 2.6 TB/s
+# (benchmarks/results/kv_merge_variants_h100.txt).
+BLOCK_W = 16
+NUM_WARPS = 1
 
 
 @triton.jit
@@ -111,9 +115,12 @@ def window_merge(
     l_sum: torch.Tensor,
     acc: torch.Tensor,
     sm_scale: float,
+    block: int = BLOCK_W,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """o [B, Hq, D] (fp32): softmax attention of q [B, Hq, D] over the window k/v [B, Hkv, W, D] (valid [B, W]
-    bool or None) together with the partials m, l [B, Hq, S] / acc [B, Hq, S, D] of the other tokens."""
+    bool or None) together with the partials m, l [B, Hq, S] / acc [B, Hq, S, D] of the other tokens.
+    ``block``: window tokens per tile; ``num_warps``: warps per program."""
     b, hq, d = q.shape
     hkv, w = k.shape[1], k.shape[2]
     if hq % hkv or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
@@ -151,9 +158,9 @@ def window_merge(
         valid_i8.stride(0) if valid is not None else 0,
         GQA=hq // hkv,
         D=d,
-        BLOCK=BLOCK_W,
+        BLOCK=block,
         BLOCK_S=max(1, triton.next_power_of_2(s)),
         HAS_VALID=valid is not None,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out
