@@ -368,3 +368,29 @@ def test_transformers_quantized_cache_baseline_when_available():
     fp16 = continuation_nll(model, prefix, ids[:, 24:], methods["fp16"])
     fp8 = continuation_nll(model, prefix, ids[:, 24:], methods["transformers-fp8"])
     assert math.isfinite(fp8) and abs(fp8 - fp16) < 0.05 * fp16  # 8-bit: close to the unquantized cache
+
+
+def test_kv_bench_reports_the_median_of_repeated_largest_batch_runs(monkeypatch):
+    """--repeats: the largest batch is re-run, the median run is reported and every pairing of runs is listed."""
+    import types
+
+    from casp.kv import bench
+
+    row = {"batch": 8, "tokens_per_s": 100.0, "decode_tokens_per_s": 1.0, "peak_gb": 1.0, "cache_gb": 1.0,
+           "seconds": 1.0, "prefill_s": 0.5}  # fmt: skip
+    speeds = iter([90.0, 120.0])
+    monkeypatch.setattr(bench, "try_batch", lambda *a, **k: dict(row, tokens_per_s=next(speeds)))
+    args = types.SimpleNamespace(repeats=3, prompt_len=16, gen=4)
+    top = bench.median_of_runs(None, None, dict(row), args, (0, 4), 0, lambda m: None)
+    assert top["tokens_per_s"] == 100.0 and top["tokens_per_s_runs"] == [90.0, 100.0, 120.0]
+    res = {
+        "device": "x", "torch": "x", "transformers": "x", "model": "x", "prompt_len": 16, "image_tokens": 4, "gen": 4,
+        "batch": 8, "prefill_chunk": 0, "repeats": 3,
+        "methods": {
+            "fp16": {"fixed": None, "max": dict(row, tokens_per_s_runs=[50.0, 40.0])},
+            "akvq-2bit": {"fixed": None, "max": top},
+        },
+    }  # fmt: skip
+    text = bench.efficiency_table(res)
+    assert "median of 3 runs" in text
+    assert "every pairing gives 1.80x to 3.00x" in text
