@@ -60,19 +60,29 @@ _TARGET_PROGRAMS = 1024
 
 
 @triton.jit
-def _load_tile(ib, KC, KS, KZ, VC, VS, VZ, hk, n0, start, L, tokens_per_split,
-               stride_kc_n, stride_kc_h, stride_ks_n, stride_ks_h, stride_vc_n, stride_vc_h, stride_vs_n, stride_vs_h,
-               DW: tl.constexpr, NG: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """One tile's reads: valid mask [BLOCK], key/value words [BLOCK, DW], scales/zeros [BLOCK, NG] (fp16)."""
+def _tile_words(ib, KC, VC, hk, n0, start, L, tokens_per_split, stride_kc_n, stride_kc_h, stride_vc_n, stride_vc_h,
+                DW: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Tokens [start + n0, +BLOCK) of a split: valid [BLOCK] (an index >= 0 inside the split), their store rows
+    (int64, 0 where invalid) and their key/value words [BLOCK, DW] (0 where invalid)."""
     offs_n = start + n0 + tl.arange(0, BLOCK)
     in_range = (offs_n < L) & (offs_n < start + tokens_per_split)
     rows = tl.load(ib + offs_n, mask=in_range, other=-1)
     valid = rows >= 0
     rows64 = tl.where(valid, rows, 0).to(tl.int64)
     offs_w = tl.arange(0, DW)
-    offs_g = tl.arange(0, NG)
     kw = tl.load(KC + rows64[:, None] * stride_kc_n + hk * stride_kc_h + offs_w[None, :], mask=valid[:, None], other=0)
     vw = tl.load(VC + rows64[:, None] * stride_vc_n + hk * stride_vc_h + offs_w[None, :], mask=valid[:, None], other=0)
+    return valid, rows64, kw, vw
+
+
+@triton.jit
+def _load_tile(ib, KC, KS, KZ, VC, VS, VZ, hk, n0, start, L, tokens_per_split,
+               stride_kc_n, stride_kc_h, stride_ks_n, stride_ks_h, stride_vc_n, stride_vc_h, stride_vs_n, stride_vs_h,
+               DW: tl.constexpr, NG: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One tile's reads: valid mask [BLOCK], key/value words [BLOCK, DW], scales/zeros [BLOCK, NG] (fp16)."""
+    valid, rows64, kw, vw = _tile_words(ib, KC, VC, hk, n0, start, L, tokens_per_split, stride_kc_n, stride_kc_h,
+                                        stride_vc_n, stride_vc_h, DW, BLOCK)  # fmt: skip
+    offs_g = tl.arange(0, NG)
     kso = rows64[:, None] * stride_ks_n + hk * stride_ks_h + offs_g[None, :]
     vso = rows64[:, None] * stride_vs_n + hk * stride_vs_h + offs_g[None, :]
     ks = tl.load(KS + kso, mask=valid[:, None], other=0.0)
@@ -197,14 +207,9 @@ def _load_tile_tc(ib, KC, KS, KZ, VC, VS, VZ, hk, n0, start, L, tokens_per_split
                   BLOCK: tl.constexpr):  # fmt: skip
     """One tile's reads for the tensor-core kernel: valid [BLOCK], words [BLOCK, DW], and the scales/zeros
     per token [BLOCK] (FACTORED: one group per head) or per word [BLOCK, DW] (group of word u: u // WPG)."""
-    offs_n = start + n0 + tl.arange(0, BLOCK)
-    in_range = (offs_n < L) & (offs_n < start + tokens_per_split)
-    rows = tl.load(ib + offs_n, mask=in_range, other=-1)
-    valid = rows >= 0
-    rows64 = tl.where(valid, rows, 0).to(tl.int64)
+    valid, rows64, kw, vw = _tile_words(ib, KC, VC, hk, n0, start, L, tokens_per_split, stride_kc_n, stride_kc_h,
+                                        stride_vc_n, stride_vc_h, DW, BLOCK)  # fmt: skip
     offs_w = tl.arange(0, DW)
-    kw = tl.load(KC + rows64[:, None] * stride_kc_n + hk * stride_kc_h + offs_w[None, :], mask=valid[:, None], other=0)
-    vw = tl.load(VC + rows64[:, None] * stride_vc_n + hk * stride_vc_h + offs_w[None, :], mask=valid[:, None], other=0)
     if FACTORED:
         kso = rows64 * stride_ks_n + hk * stride_ks_h
         vso = rows64 * stride_vs_n + hk * stride_vs_h
