@@ -27,6 +27,10 @@ dequantizes on the fly); the tokens passed to the current call are returned exac
 attention set to "casp_kv" (casp.kv.attention.enable_fused_kv_attention), decode steps instead return
 the new states tagged with the layer, and the attention reads the packed store directly (a Triton
 kernel on CUDA, its torch reference elsewhere): nothing is dequantized into memory.
+
+On CUDA (fp16/bf16 states, triton installed) quantizing new tokens into the store and dequantizing it
+for a prefill chunk run in one Triton launch each (casp.kernels.triton_kv_quant / triton_kv_dequant, same
+results as the torch code up to the rotation's summation order); ``AKVQLayer.use_triton`` overrides.
 """
 
 from __future__ import annotations
