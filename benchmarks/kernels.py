@@ -26,6 +26,7 @@ casp/kernels/triton_uniform.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -272,6 +273,63 @@ def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
     return out
 
 
+QUIP_CONFIGS = [(32, 16, 4, 4), (64, 16, 4, 4), (32, 32, 8, 4), (64, 8, 8, 4)]  # (bn, bj, split, num_warps)
+
+
+def quip_rows(shapes, copy_tbs: float) -> list[str]:
+    """Batch-1 time of the experimental QuIP# E8P kernel (2 bits, random codes) vs fp16, one row per shape: the whole
+    matmul (torch transforms around the kernel) and the kernel alone on pre-rotated activations."""
+    from casp.kernels.triton_quip import e8p_tables, quip_linear, quip_rotated_gemv
+    from casp.quant.quip import QuIPWeight
+
+    out = ["", "QuIP# E8P 2-bit (16-bit code per 8 weights + row scales), M = 1, experimental kernel "
+           "casp/kernels/triton_quip.py (not dispatched); 'kernel' = the decode-and-dot on rotated activations, "
+           "'matmul' = with the torch Hadamard transforms of x and y:"]  # fmt: skip
+    print("\n".join(out), flush=True)
+    for N, K in shapes:
+        try:
+            g = torch.Generator(device="cuda").manual_seed(N + K)
+            Ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(N * K * 2))]
+            x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+            fp16_us = time_calls([(lambda W=W, x=x: F.linear(x, W)) for W in Ws])
+            del Ws
+            codes = torch.randint(-(1 << 15), 1 << 15, (N, K // 8), generator=g, device="cuda").to(torch.int16)
+            sc = (torch.rand(N, generator=g, device="cuda") * 0.02 + 0.01).half()
+            su = (torch.randint(0, 2, (K,), generator=g, device="cuda") * 2 - 1).to(torch.int8)
+            sv = (torch.randint(0, 2, (N,), generator=g, device="cuda") * 2 - 1).to(torch.int8)
+            qw = QuIPWeight(codes, None, sc, su, sv, 2, 1.0)
+            tables = e8p_tables(x.device)
+            xr = torch.randn(1, K, device="cuda")
+            nbytes = codes.numel() * 2 + sc.numel() * 2 + K * 4
+            copies = [codes] + [codes.clone() for _ in range(n_copies(nbytes) - 1)]
+            best = None
+            for bn, bj, split, nw in QUIP_CONFIGS:
+                fns = [functools.partial(quip_rotated_gemv, xr, c, None, sc, 2, 1.0, tables, bn, bj, split, nw)
+                       for c in copies]  # fmt: skip
+                us = time_calls(fns)
+                if best is None or us < best[0]:
+                    best = (us, bn, bj, split, nw)
+            us, bn, bj, split, nw = best
+            opts = dict(tables=tables, bn=bn, bj=bj, split=split, num_warps=nw)
+            qws = [QuIPWeight(c, None, sc, su, sv, 2, 1.0) for c in copies]
+            full_us = time_calls([functools.partial(quip_linear, x, q, **opts) for q in qws])
+            y = quip_linear(x, qw, **opts)
+            y_t = qw.matmul(x)
+            rel = float((y.float() - y_t.float()).norm() / y_t.float().norm())
+            tbs = nbytes / (us * 1e-6) / 1e12
+            line = (
+                f"{N:>5}x{K:<6} quip-e8p M=1 {bn}x{bj}w{nw}k{split}: kernel {us:.1f} us ({fp16_us / us:.2f}x fp16, "
+                f"{tbs:.2f} TB/s, {100 * tbs / copy_tbs:.0f}% of copy), matmul {full_us:.1f} us "
+                f"({fp16_us / full_us:.2f}x), fp16 {fp16_us:.1f} us; rel err vs torch path {rel:.1e}"
+            )
+            del copies, qws
+        except Exception as e:  # experimental: report, never lose the main table
+            line = f"{N:>5}x{K:<6} quip-e8p: FAILED {type(e).__name__}: {str(e)[:200]}"
+        print(line, flush=True)
+        out.append(line)
+    return out
+
+
 def _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us, copy_tbs) -> str:
     """One table row: time, speedup, bandwidth and errors of (path, cfg) on this layer."""
     y = kernel_call(qw0, x, path, cfg)()
@@ -299,6 +357,7 @@ def main() -> None:
     ap.add_argument("--sweep-paths", default=None, help="sweep SWEEP configs for these paths only, e.g. slab,slab16")
     ap.add_argument("--wide", action="store_true", help="batch 1: sweep the broad WIDE grid for gemv and slab16")
     ap.add_argument("--aqlm", action="store_true", help="also time the experimental AQLM 2x8 GEMV (batch 1)")
+    ap.add_argument("--quip", action="store_true", help="also time the experimental QuIP# E8P kernel (batch 1)")
     ap.add_argument("--tuned-json", default=None, help="write the best configs found here (decode_7b.py --tuned)")
     args = ap.parse_args()
     m1_paths = tuple(p for p in args.m1_paths.split(",") if p)
@@ -382,6 +441,8 @@ def main() -> None:
         lines.append(f"{N}x{K}{fp16_line}")
     if args.aqlm:
         lines += aqlm_rows(shapes, copy_tbs)
+    if args.quip:
+        lines += quip_rows(shapes, copy_tbs)
     if tuned:
         table = (
             ["", "TUNED = {"]
