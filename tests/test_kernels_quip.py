@@ -1,5 +1,6 @@
-"""The experimental QuIP# (E8P) matmul kernel (casp/kernels/triton_quip.py) under Triton's CPU interpreter against
-QuIPWeight.matmul, and compiled for an H100 (sm_90, no GPU needed). Skipped when triton is not installed (CI)."""
+"""The experimental QuIP# (E8P) matmul kernel (casp/kernels/triton_quip.py) and the Triton Walsh-Hadamard transform
+(casp/kernels/triton_fwht.py) under Triton's CPU interpreter against the torch code, and compiled for an H100
+(sm_90, no GPU needed). Skipped when triton is not installed (CI)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,14 @@ _COMPILE = textwrap.dedent(
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         assert compiled.asm["cubin"]
+    from casp.kernels.triton_fwht import _fwht_kernel
+    fsig = {"X": "*fp32", "Y": "*fp32", "stride_x": "i32", "stride_y": "i32", "scale": "fp32", "A": "constexpr",
+            "B": "constexpr"}
+    for a, b, warps in ((16, 16, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8)):
+        consts = {(_fwht_kernel.arg_names.index("A"),): a, (_fwht_kernel.arg_names.index("B"),): b}
+        compiled = triton.compile(ASTSource(fn=_fwht_kernel, signature=fsig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert compiled.asm["cubin"]
     print("ok")
     """
 )
@@ -76,3 +85,28 @@ def test_quip_kernel_compiles_for_sm90():
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.rstrip().endswith("ok"), out.stderr[-3000:]
+
+
+_FWHT = textwrap.dedent(
+    """
+    import torch
+    from casp.hadamard import fwht
+    from casp.kernels.triton_fwht import fwht_rows
+    torch.manual_seed(0)
+    worst = 0.0
+    for n, rows in ((256, 3), (512, 1), (2048, 2)):
+        x = torch.randn(rows, n)
+        worst = max(worst, float((fwht_rows(x) - fwht(x)).abs().max()))
+    x = torch.randn(2, 3, 1024).half()  # leading dims and fp16 in/out
+    y = fwht_rows(x)
+    assert y.dtype == torch.float16 and y.shape == x.shape
+    worst = max(worst, float((y.float() - fwht(x.float())).abs().max()) / 10)
+    assert worst < 1e-4, worst
+    print("ok", worst)
+    """
+)
+
+
+@needs_triton
+def test_fwht_kernel_under_triton_interpreter():
+    run_interpreted(_FWHT)

@@ -3,14 +3,15 @@ dispatched until it is measured on a GPU.
 
     y = D_N T_N^T ( s * (C (T_K D_K x)) )
 
-The two orthogonal transforms act on activation vectors (K or N numbers per row) and stay in torch
-(casp.hadamard.kron_transform). The kernel does the middle product: per output row n and 8-column
-block j, the E8P codeword C[n, j] is decoded in registers from its 16-bit code (casp.quant.e8p: source
-vector a = S[code >> 8], read from a 256 x 8 table that stays in L1; signs from bits 1..7, coordinate 0's
-sign from the parity rule; shift +-1/4 from bit 0) and dotted with the 8 activations of block j; 3 bits add
-the 1-bit sign residual (codes2 bit i: sign of coordinate i) and 4 bits a second E8P codeword, both over
-``resid_scale``. The row scale s_n applies once per row. Per program: BN output rows and one activation
-row (program_id(1)), K split over program_id(2) and reduced in-kernel as in triton_uniform.
+The two orthogonal transforms act on activation vectors (K or N numbers per row): one Triton launch each
+for power-of-two sizes (casp.kernels.triton_fwht), casp.hadamard.kron_transform otherwise. The kernel does
+the middle product: per output row n and 8-column block j, the E8P codeword C[n, j] is decoded in registers
+from its 16-bit code (casp.quant.e8p: source vector a = S[code >> 8], read from a 256 x 8 table that stays
+in L1; signs from bits 1..7, coordinate 0's sign from the parity rule; shift +-1/4 from bit 0) and dotted
+with the 8 activations of block j; 3 bits add the 1-bit sign residual (codes2 bit i: sign of coordinate i)
+and 4 bits a second E8P codeword, both over ``resid_scale``. The row scale s_n applies once per row. Per
+program: BN output rows and one activation row (program_id(1)), K split over program_id(2) and reduced
+in-kernel as in triton_uniform.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from casp.hadamard import kron_transform
+from casp.hadamard import kron_factor, kron_transform
+from casp.kernels.triton_fwht import fwht_rows
 from casp.kernels.triton_uniform import _split_plan, _split_reduce
 from casp.quant.e8p import CODE_DIM, e8p_source
 
@@ -122,11 +124,17 @@ def quip_rotated_gemv(
     return y
 
 
+def _transform(v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """kron_transform of rows: for power-of-two sizes the one-launch Triton Walsh-Hadamard (its own inverse)."""
+    return fwht_rows(v) if kron_factor(v.shape[-1])[1] == 1 else kron_transform(v, transpose=transpose)
+
+
 def quip_linear(x: torch.Tensor, qw, **kernel_options) -> torch.Tensor:
-    """y = x W^T for a QuIPWeight ``qw``: the transforms in torch, the decode-and-dot in the kernel; y in x's dtype."""
+    """y = x W^T for a QuIPWeight ``qw``: transforms (casp.kernels.triton_fwht for power-of-two sizes, else torch)
+    around the decode-and-dot kernel; y in x's dtype."""
     N, K = qw.shape
     lead = x.shape[:-1]
-    xr = kron_transform(x.reshape(-1, K).float() * qw.su.float())
+    xr = _transform(x.reshape(-1, K).float() * qw.su.float())
     yr = quip_rotated_gemv(xr, qw.codes, qw.codes2, qw.scales, qw.bits, qw.resid_scale, **kernel_options)
-    y = kron_transform(yr, transpose=True) * qw.sv.float()
+    y = _transform(yr, transpose=True) * qw.sv.float()
     return y.to(x.dtype).reshape(*lead, N)
