@@ -73,7 +73,8 @@ def cmd_compress(args) -> int:
 def cmd_generate(args) -> int:
     from casp.generate import generate_from_dir
 
-    print(generate_from_dir(args.model, args.prompt, args.image, args.max_new_tokens, _device(args.device), args.kv))
+    print(generate_from_dir(args.model, args.prompt, args.image, args.max_new_tokens, _device(args.device), args.kv,
+                            args.kv_window))
     return 0
 
 
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", choices=["fp16", "akvq", "kivi", "uniform"], default="fp16",
                    help="KV cache: fp16 (default), akvq (AKVQ-VL 2-bit; uses the profile of casp kv-analyze when "
                    "the model dir has one), kivi (KIVI 2-bit), uniform (2-bit per token)")
+    p.add_argument("--kv-window", type=int, default=128,
+                   help="quantized caches: the most recent tokens kept in fp16 (default 128, AKVQ-VL's; 32 cuts KV "
+                   "memory more on short prompts at some accuracy cost, see the README's KV results)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
 

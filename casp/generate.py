@@ -39,7 +39,7 @@ def generate(model, processor, adapter, prompts: list[str], images: list | None 
 
 
 def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_tokens: int = 32,
-                      device: str = "cpu", kv: str = "fp16") -> str:
+                      device: str = "cpu", kv: str = "fp16", kv_window: int = 128) -> str:
     from casp.kernels import triton_available
     from casp.kv.attention import enable_fused_kv_attention
     from casp.kv.methods import make_cache
@@ -48,5 +48,7 @@ def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_
     images = [open_image(image)] if image else None
     if kv == "akvq" and next(model.parameters()).is_cuda and triton_available():
         enable_fused_kv_attention(model)  # decode steps attend over the packed cache in one Triton kernel
-    cache = make_cache(kv, model, adapter, model_dir=model_dir)  # None for fp16: generate's own cache
+    if kv_window < 1:
+        raise CaspError(f"--kv-window must be at least 1 token, got {kv_window}")
+    cache = make_cache(kv, model, adapter, model_dir=model_dir, residual=kv_window)  # None for fp16
     return generate(model, processor, adapter, [prompt], images, max_new_tokens, cache)[0]

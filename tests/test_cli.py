@@ -73,6 +73,26 @@ def test_generate_with_every_kv_cache_and_kv_analyze(tiny_dirs, tmp_path, capsys
     assert "--gpu" in capsys.readouterr().out
 
 
+def test_generate_kv_window_reaches_the_cache_and_is_checked(tiny_dirs, monkeypatch, capsys):
+    from casp.kv import methods
+
+    seen = []
+    real = methods.make_cache
+
+    def spy(*args, **kwargs):
+        cache = real(*args, **kwargs)
+        seen.append(cache.layers[0].residual)
+        return cache
+
+    monkeypatch.setattr(methods, "make_cache", spy)
+    args = ["generate", str(tiny_dirs["llama"]), "--prompt", "hello there", "--max-new-tokens", "3", "--kv", "akvq"]
+    assert main([*args, "--kv-window", "4"]) == 0
+    assert seen == [4]
+    capsys.readouterr()
+    assert main([*args, "--kv-window", "0"]) != 0
+    assert "--kv-window must be at least 1" in capsys.readouterr().err
+
+
 def test_generate_text_only_model_rejects_image(tiny_dirs, tmp_path, capsys):
     from tests.fixtures import make_image
 
