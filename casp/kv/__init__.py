@@ -9,7 +9,7 @@ packed 2/4-bit cache in one Triton kernel instead of dequantizing it (``casp gen
 """
 
 from casp.kv.attention import enable_fused_kv_attention
-from casp.kv.cache import AKVQCache, AKVQConfig, AKVQLayer, QuantizedKVCache, ablation_configs
+from casp.kv.cache import AKVQCache, AKVQConfig, AKVQLayer, ablation_configs
 from casp.kv.kivi import KIVICache, KIVIConfig, KIVILayer, UniformKVCache
 from casp.kv.methods import KV_METHODS, analyze, load_profile, make_cache
 from casp.kv.quantizer import (
@@ -28,6 +28,7 @@ from casp.kv.saliency import (
     measure_saliency,
     pivot_mask,
 )
+from casp.kv.window import QuantizedKVCache
 
 __all__ = [
     "AKVQCache",

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from casp.kv.cache import AKVQCache, AKVQConfig, QuantizedKVCache, WindowedQuantLayer, _text_shape
+from casp.kv.cache import AKVQCache, AKVQConfig
 from casp.kv.quantizer import (
     SUPPORTED_BITS,
     PackedKV,
@@ -26,6 +26,7 @@ from casp.kv.quantizer import (
     quantize_per_channel,
     quantize_tokens,
 )
+from casp.kv.window import QuantizedKVCache, WindowedQuantLayer, text_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,7 @@ class KIVICache(QuantizedKVCache):
         from casp.models import get_adapter
 
         config = config or KIVIConfig()
-        num_layers, head_dim = _text_shape(model, adapter or get_adapter(model))
+        num_layers, head_dim = text_shape(model, adapter or get_adapter(model))
         super().__init__(layers=[KIVILayer(config, head_dim) for _ in range(num_layers)])
         self.config = config
 
