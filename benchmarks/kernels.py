@@ -224,6 +224,13 @@ def errors(qw: UniformWeight, x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
 AQLM_CONFIGS = [(64, 8, 4), (64, 16, 4), (128, 8, 8)]  # (bn, bj, num_warps) of triton_aqlm.aqlm_gemv
 
 
+def fp16_batch1(N: int, K: int) -> tuple[torch.Tensor, float]:
+    """(activation row x [1, K] fp16, us of fp16 F.linear at batch 1 on [N, K] weights streaming from HBM)."""
+    Ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(N * K * 2))]
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    return x, time_calls([(lambda W=W: F.linear(x, W)) for W in Ws])
+
+
 def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
     """Batch-1 time of the experimental AQLM 2x8 kernel (random codes and codebooks) vs fp16, one row per shape."""
     from casp.kernels.triton_aqlm import aqlm_gemv
@@ -235,10 +242,7 @@ def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
     for N, K in shapes:
         try:
             g = torch.Generator(device="cuda").manual_seed(N + K)
-            Ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(N * K * 2))]
-            x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-            fp16_us = time_calls([(lambda W=W, x=x: F.linear(x, W)) for W in Ws])
-            del Ws
+            x, fp16_us = fp16_batch1(N, K)
             codes = torch.randint(0, 256, (N, K // 8, 2), generator=g, device="cuda").to(torch.uint8)
             cb = (torch.randn(2, 256, 8, generator=g, device="cuda") * 0.01).half()
             sc = (torch.rand(N, generator=g, device="cuda") + 0.5).half()
@@ -289,10 +293,7 @@ def quip_rows(shapes, copy_tbs: float) -> list[str]:
     for N, K in shapes:
         try:
             g = torch.Generator(device="cuda").manual_seed(N + K)
-            Ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(N * K * 2))]
-            x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-            fp16_us = time_calls([(lambda W=W, x=x: F.linear(x, W)) for W in Ws])
-            del Ws
+            x, fp16_us = fp16_batch1(N, K)
             codes = torch.randint(-(1 << 15), 1 << 15, (N, K // 8), generator=g, device="cuda").to(torch.int16)
             sc = (torch.rand(N, generator=g, device="cuda") * 0.02 + 0.01).half()
             su = (torch.randint(0, 2, (K,), generator=g, device="cuda") * 2 - 1).to(torch.int8)

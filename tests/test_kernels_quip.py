@@ -4,12 +4,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-from tests.triton_interpreter import ROOT, needs_triton, run_interpreted
+from tests.triton_interpreter import needs_triton, run_compiled, run_interpreted
 
 _INTERPRET = textwrap.dedent(
     """
@@ -81,10 +78,7 @@ _COMPILE = textwrap.dedent(
 
 @needs_triton
 def test_quip_kernel_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert out.returncode == 0 and out.stdout.rstrip().endswith("ok"), out.stderr[-3000:]
+    run_compiled(_COMPILE)
 
 
 _FWHT = textwrap.dedent(

@@ -32,3 +32,13 @@ def run_interpreted(code: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok")
+
+
+def run_compiled(code: str) -> None:
+    """Run ``code`` (which prints a last line 'ok' on success) with Triton's real compiler (no interpreter): it
+    builds kernels for an H100 with triton.compile and ptxas, no GPU needed, which catches what the interpreter
+    accepts but the compiler does not."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("ok"), out.stderr[-3000:]
