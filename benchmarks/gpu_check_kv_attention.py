@@ -342,16 +342,12 @@ def main(argv=None) -> int:
     p.add_argument("--merge-bench", action="store_true", help="only the window_merge tile/warp variants")
     p.add_argument("--compiled", action="store_true", help="with --profile: also time torch.compile'd torch parts")
     args = p.parse_args(argv)
-    if args.merge_bench:
-        text = "\n".join(merge_bench())
-        print(text)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
-        return 0
-    if args.profile:
-        cases = (("TSA", 2, 16, 2048), ("PSA", 2, 64, 600))
-        text = "\n\n".join(profile_case(*case, compiled=args.compiled) for case in cases)
+    if args.merge_bench or args.profile:
+        if args.merge_bench:
+            text = "\n".join(merge_bench())
+        else:
+            cases = (("TSA", 2, 16, 2048), ("PSA", 2, 64, 600))
+            text = "\n\n".join(profile_case(*case, compiled=args.compiled) for case in cases)
         print(text)
         if args.out:
             with open(args.out, "w") as f:
