@@ -22,6 +22,7 @@ import triton.language as tl
 
 from casp.hadamard import fwht as torch_fwht
 from casp.hadamard import is_power_of_two
+from casp.kernels.triton_uniform import _interpreting
 
 MIN_N, MAX_N = 256, 16384
 
@@ -52,8 +53,6 @@ def fwht_rows(x: torch.Tensor) -> torch.Tensor:
     """Normalized Walsh-Hadamard transform of the last dimension (same values as casp.hadamard.fwht): one Triton
     launch for power-of-two sizes 256..16384 on CUDA (or under Triton's interpreter), the torch version otherwise."""
     n = x.shape[-1]
-    from casp.kernels.triton_uniform import _interpreting
-
     if not (is_power_of_two(n) and MIN_N <= n <= MAX_N and (x.is_cuda or _interpreting())):
         return torch_fwht(x)
     k = int(math.log2(n))

@@ -19,7 +19,8 @@ Two kernels compute it:
 * ``_packed_decode_kernel`` (CUDA cores, the default with one query head per KV head): one program per
   (b, query head, split), 2-D grid [B * Hq, splits], one warp on 16-token tiles, so every reduction (over
   channels for the scores, over tokens for p.v) stays inside the warp: no shared memory, many small
-  programs in flight. 1.5-1.9x faster than 4 warps on 64-token tiles on an H100.
+  programs in flight. 1.15-2.0x faster than 4 warps on 64-token tiles at batch 16-64 on an H100 (1.8-2.0x
+  at batch 64 x 4096 tokens; slightly slower at batch 1).
 * ``_packed_decode_tc_kernel`` (tensor cores, the default under grouped-query attention): one program per
   (b, KV head, split) serves the KV head's query heads as the rows of an MMA, so the codes are read once
   per KV head (docstring there).
@@ -55,12 +56,14 @@ from casp.kernels.triton_uniform import _codes_fp16, _decode, _interpreting
 
 KERNEL_BITS = (2, 4)
 # Tokens per tile and warps per program: one warp on 16-token tiles was the fastest CUDA-core variant on an H100
-# at batch >= 16 (1.5-1.9x faster than 64 x 4: every reduction stays inside the warp, no shared memory, and
-# many small programs keep loads in flight; benchmarks/results/kv_attention_h100.txt); 130-168 registers.
+# at batch >= 16 (1.15-2.0x faster than 64 x 4: every reduction stays inside the warp, no shared memory, and
+# many small programs keep loads in flight; benchmarks/results/kv_attention_quick_h100_variants.log, all variants
+# in one run); 130-168 registers.
 BLOCK_N = 16
 NUM_WARPS = 1
-# The tensor-core kernel's tokens per tile (4 warps): 32 was the fastest of 32, 64 and 128 at 4 query heads per
-# KV head (batch 16 x 2048 tokens); 128 only wins with one query head per KV head, where "simt" is the default.
+# The tensor-core kernel's tokens per tile (4 warps) at 4 query heads per KV head (batch 16 x 2048 tokens): 32 and
+# 128 traded places between H100 runs (91.5 vs 111 us in kv_attention_quick_h100_variants.log, 61 vs 52 us in
+# kv_attention_h100.txt); 32 is kept.
 TC_BLOCK_N = 32
 TC_NUM_WARPS = 4
 # Aim for about this many programs per call before splitting the sequence (132 SMs x several waves).
@@ -358,8 +361,9 @@ def packed_decode_partials(
     Returns m, l fp32 [B, Hq, S] and acc fp32 [B, Hq, S, D] for S = ``splits`` (default: num_splits_for).
     ``kernel``: "tc" (tensor cores, one program per KV head), "simt" (CUDA cores, one per query head), or
     None: "tc" under grouped-query attention where ``tc_supported`` (it reads the codes once per KV head instead
-    of once per query head: 2.7x faster at 4 query heads per KV head on an H100), else "simt" (as fast or faster
-    with one query head per KV head; kv_attention_h100.txt). ``block``/``num_warps`` None: the kernel's default.
+    of once per query head: at 4 query heads per KV head 91.5 us against 102.3 us for "simt" in the same H100
+    run), else "simt" (faster with one query head per KV head; kv_attention_quick_h100_variants.log).
+    ``block``/``num_warps`` None: the kernel's default.
     """
     if bits not in KERNEL_BITS:
         raise ValueError(f"the packed decode kernel supports bits {KERNEL_BITS}, got {bits}")

@@ -23,7 +23,7 @@ import triton.language as tl
 from casp.hadamard import kron_factor, kron_transform
 from casp.kernels.triton_fwht import fwht_rows
 from casp.kernels.triton_uniform import _split_plan, _split_reduce
-from casp.quant.e8p import CODE_DIM, e8p_source
+from casp.quant.e8p import CODE_DIM, e8p_source, source_parity
 
 
 @triton.jit
@@ -86,8 +86,7 @@ def _quip_gemv_kernel(
 def e8p_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(source vectors [256, 8] fp32, parity of each source's coordinate sum [256] int32) on ``device``."""
     src = e8p_source(device)
-    parity = (torch.round(src.double().sum(-1)).long() % 2).to(torch.int32)
-    return src.contiguous(), parity
+    return src.contiguous(), source_parity(src).to(torch.int32)
 
 
 def quip_rotated_gemv(

@@ -171,7 +171,9 @@ def decode_attention(
     d = q.shape[-1]
     fused_merge = use_triton
     if fused_merge is None:  # the merge kernel's tiles need a power-of-two head dim
-        fused_merge = q.is_cuda and d & (d - 1) == 0 and importlib.util.find_spec("triton") is not None
+        from casp.kernels import triton_available
+
+        fused_merge = q.is_cuda and d & (d - 1) == 0 and triton_available()
     for seg in packed:
         idx = seg.idx
         if key_valid is not None:

@@ -302,10 +302,9 @@ class AKVQLayer(WindowedQuantLayer):
             return False
         if self.use_triton:
             return True
-        import importlib.util
+        from casp.kernels import triton_available
 
-        cuda_half = states.is_cuda and states.dtype in (torch.float16, torch.bfloat16)
-        return cuda_half and importlib.util.find_spec("triton") is not None
+        return states.is_cuda and states.dtype in (torch.float16, torch.bfloat16) and triton_available()
 
     def _load_into_triton(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         from casp.kernels.triton_kv_dequant import dequantize_rows_into

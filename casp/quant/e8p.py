@@ -58,7 +58,7 @@ def e8p_source(device: torch.device | str | None = None) -> torch.Tensor:
     return torch.tensor(_source_table(), dtype=torch.float32, device=device)
 
 
-def _parity_of_source(source: torch.Tensor) -> torch.Tensor:
+def source_parity(source: torch.Tensor) -> torch.Tensor:
     """sum(a) mod 2 for each source vector (sums are integers). [256] int64."""
     return torch.round(source.double().sum(-1)).long() % 2
 
@@ -70,7 +70,7 @@ def e8p_decode(codes: torch.Tensor, source: torch.Tensor | None = None) -> torch
     a = src[(c >> 8).long()]  # [..., 8]
     bit = torch.arange(1, CODE_DIM, device=codes.device, dtype=torch.int32)
     flips = ((c[..., None] >> bit) & 1).to(torch.int64)  # [..., 7] coordinates 1..7
-    flip0 = (_parity_of_source(src)[(c >> 8).long()] + flips.sum(-1)) % 2
+    flip0 = (source_parity(src)[(c >> 8).long()] + flips.sum(-1)) % 2
     flips = torch.cat([flip0[..., None], flips], dim=-1)
     shift = torch.where((c & 1).bool(), 0.25, -0.25)
     return a * (1 - 2 * flips).to(a.dtype) + shift[..., None].to(a.dtype)
@@ -96,7 +96,7 @@ def e8p_encode(
     shape = x.shape[:-1]
     flat = x.reshape(-1, CODE_DIM).float()
     src = e8p_source(flat.device) if source is None else source
-    src_par = _parity_of_source(src)  # [256]
+    src_par = source_parity(src)  # [256]
     src_sq = src.pow(2).sum(-1)  # [256]
     bit = torch.arange(CODE_DIM, device=flat.device)
     codes = torch.empty(flat.shape[0], dtype=torch.int32, device=flat.device)
