@@ -38,7 +38,8 @@ class _Catcher(nn.Module):
         self.store = store
 
     def forward(self, hidden_states, *args, **kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        # the cache argument (``cache`` since transformers 5.25, ``past_key_values`` before) is not replayed
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
         kwargs["use_cache"] = False
         self.store.append((hidden_states, args, kwargs))
         return hidden_states

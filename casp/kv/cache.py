@@ -516,7 +516,7 @@ class AKVQCache(QuantizedKVCache):
 
         def on_model(module, args, kwargs):
             cache = ref()
-            if cache is None or kwargs.get("past_key_values") is not cache:
+            if cache is None or _cache_argument(kwargs) is not cache:
                 return None
             cache._set_fused(first_attention)
             if cache.get_seq_length() > 0:
@@ -528,7 +528,7 @@ class AKVQCache(QuantizedKVCache):
 
         def on_block(index, module, args, kwargs):
             cache = ref()
-            if cache is None or kwargs.get("past_key_values") is not cache:
+            if cache is None or _cache_argument(kwargs) is not cache:
                 return None
             layer = cache.layers[index]
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -579,6 +579,11 @@ class AKVQCache(QuantizedKVCache):
     def reset(self):
         super().reset()
         self.image_mask = None
+
+
+def _cache_argument(kwargs: dict):
+    """The cache a forward call was given: transformers >= 5.25 names it ``cache``, earlier ``past_key_values``."""
+    return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
 
 
 def _remove_handles(handles: list) -> None:
