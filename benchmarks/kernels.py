@@ -6,7 +6,7 @@ shape in the same run. Timing follows shared/ENVIRONMENT.md: calls are replayed 
 (no Python launch overhead) and rotate through enough copies of the layer (> 200 MB in total, above
 the 50 MB L2) that weights stream from HBM. Reported per row: median us per call, speedup over
 fp16, bytes read (packed weight + scales + zeros + activations) / time as TB/s and as a share of
-the nominal H100 SXM peak (3.35 TB/s) and of the device-to-device copy bandwidth measured in the
+the nominal HBM peak (H100 SXM 3.35 TB/s, H200 4.8 TB/s) and of the device-to-device copy bandwidth measured in the
 same run, and the error vs the torch path (``UniformWeight.matmul``: dequantize to fp16, F.linear)
 and vs an fp32 reference.
 
@@ -46,7 +46,12 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (13824, 5120), (5120, 1382
 BITS = (2, 3, 4)
 BATCHES = (1, 4, 16, 2048)
 GROUP = 128
-PEAK_TBS = 3.35  # H100 SXM HBM3, nominal
+NOMINAL_PEAK_TBS = {"H100": 3.35, "H200": 4.8}  # SXM parts' HBM, vendor datasheets
+
+
+def nominal_peak(device_name: str) -> float:
+    """The nominal HBM bandwidth (TB/s) of the GPU named ``device_name``; the H100's where unknown."""
+    return next((tbs for key, tbs in NOMINAL_PEAK_TBS.items() if key in device_name), NOMINAL_PEAK_TBS["H100"])
 ROTATE_BYTES = 200e6  # > 160 MB: weights stream from HBM, not L2
 
 C = cfgs.KernelConfig
@@ -331,7 +336,7 @@ def quip_rows(shapes, copy_tbs: float) -> list[str]:
     return out
 
 
-def _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us, copy_tbs) -> str:
+def _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us, copy_tbs, peak_tbs) -> str:
     """One table row: time, speedup, bandwidth and errors of (path, cfg) on this layer."""
     y = kernel_call(qw0, x, path, cfg)()
     e_torch, e_fp32, rel = errors(qw0, x, y)
@@ -340,7 +345,7 @@ def _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us, copy_tbs) -> str:
     cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}" + (f"m{cfg.bm}" if path in ("dot", "tc") else "")
     return (
         f"{N:>5}x{K:<6} {bits:>4} {M:>5} {path:>7} {cfg_s:>22} {us:9.1f} {fp16_us:9.1f} "
-        f"{fp16_us / us:7.2f}x {tbs:6.2f} {100 * tbs / PEAK_TBS:5.0f}% {100 * tbs / copy_tbs:5.0f}% "
+        f"{fp16_us / us:7.2f}x {tbs:6.2f} {100 * tbs / peak_tbs:5.0f}% {100 * tbs / copy_tbs:5.0f}% "
         f"{e_torch:9.2e} {e_fp32:9.2e} {rel:8.1e}"
     )
 
@@ -379,7 +384,7 @@ def main() -> None:
     lines = [
         f"device: {dev}; torch {torch.__version__}; triton {_tu().triton.__version__}",
         f"measured device-to-device copy bandwidth: {copy_tbs:.2f} TB/s (read + write); "
-        f"nominal HBM peak {PEAK_TBS} TB/s",
+        f"nominal HBM peak {nominal_peak(dev)} TB/s",
         "timing: CUDA-graph replay, median of 15 replays, each rotating through copies of the layer "
         f"(>= {ROTATE_BYTES / 1e6:.0f} MB) so weights come from HBM; group size {GROUP}; fp16 activations",
         "bytes = packed weight + scales + zeros + activations read (fp16: weight + activations)",
@@ -430,7 +435,7 @@ def main() -> None:
                 if args.sweep and M == 1:
                     m1_best.append((bits, best[1]))
                 for us, path, cfg in rows:
-                    line = _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us[M], copy_tbs)
+                    line = _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us[M], copy_tbs, nominal_peak(dev))
                     print(line, flush=True)
                     lines.append(line)
             del layers, qw0

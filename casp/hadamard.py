@@ -26,6 +26,7 @@ be stored to rebuild the transform.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -140,6 +141,13 @@ def kron_small_matrix(n: int) -> torch.Tensor:
     return paley_hadamard(m) / math.sqrt(m)
 
 
+@functools.lru_cache(maxsize=64)
+def _small_matrix_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """kron_small_matrix(n) in dtype on device, built once: a rebuild per call costs a host->device copy, which
+    CUDA-graph capture also refuses (the factors are at most MAX_DENSE^2 values, so the memo stays small)."""
+    return kron_small_matrix(n).to(dtype=dtype, device=device)
+
+
 def kron_transform(x: torch.Tensor, transpose: bool = False, factor: torch.Tensor | None = None) -> torch.Tensor:
     """Apply the orthogonal transform T_n = F_m (x) H_p to every row vector of x (last dim n).
 
@@ -151,8 +159,7 @@ def kron_transform(x: torch.Tensor, transpose: bool = False, factor: torch.Tenso
     kind, m, p = kron_factor(n)
     if m == 1:
         return fwht(x)
-    F = kron_small_matrix(n) if factor is None else factor
-    F = F.to(dtype=x.dtype, device=x.device)
+    F = _small_matrix_on(n, x.dtype, x.device) if factor is None else factor.to(dtype=x.dtype, device=x.device)
     if transpose:
         F = F.T
     # index i = a * p + b: (T x)[a, b] = sum_{a', b'} F[a, a'] H[b, b'] x[a', b']
