@@ -139,26 +139,27 @@ class Decoder(nn.Module):
         return self.lm_head(rms_norm(x, self.norm))
 
 
+def random_quant_linear(n_out: int, n_in: int, bits: int, seed: int, device) -> QuantLinear:
+    """A QuantLinear of random ``bits``-bit codes, group 128, scales sized like a trained layer's weights."""
+    g = min(128, n_in)
+    groups = -(-n_in // g)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n_out, n_in), generator=gen, device=device)
+    # scales sized like the layer's weights (std ~ 1/sqrt(K)), zeros mid-range
+    std = 1.0 / math.sqrt(3 * n_in)
+    scales = torch.full((n_out, groups), 2 * std * math.sqrt(3) / ((1 << bits) - 1), device=device)
+    scales = scales * (0.75 + 0.5 * torch.rand(n_out, groups, generator=gen, device=device))
+    zeros = torch.full((n_out, groups), ((1 << bits) - 1) / 2, device=device)
+    return QuantLinear.from_weight(UniformWeight.from_codes(codes, scales, zeros, bits, g))
+
+
 def quantize_random(model: Decoder, bits_of_layer) -> None:
     """Replace every decoder linear by a QuantLinear of random codes (group 128), freeing the fp16 weight."""
     for i, b in enumerate(model.blocks):
-        bits = bits_of_layer(i)
         for name in LINEARS:
-            lin = b.lin[name]
-            N, K = lin.weight.shape
-            dev = lin.weight.device
-            g = min(128, K)
-            G = -(-K // g)
-            gen = torch.Generator(device=dev).manual_seed(1000 * i + LINEARS.index(name))
-            codes = torch.randint(0, 1 << bits, (N, K), generator=gen, device=dev)
-            # scales sized like the layer's weights (std ~ 1/sqrt(K)), zeros mid-range
-            std = 1.0 / math.sqrt(3 * K)
-            scales = torch.full((N, G), 2 * std * math.sqrt(3) / ((1 << bits) - 1), device=dev)
-            scales = scales * (0.75 + 0.5 * torch.rand(N, G, generator=gen, device=dev))
-            zeros = torch.full((N, G), ((1 << bits) - 1) / 2, device=dev)
-            qw = UniformWeight.from_codes(codes, scales, zeros, bits, g)
-            b.lin[name] = QuantLinear.from_weight(qw)
-            del lin, codes
+            n_out, n_in = b.lin[name].weight.shape
+            device = b.lin[name].weight.device
+            b.lin[name] = random_quant_linear(n_out, n_in, bits_of_layer(i), 1000 * i + LINEARS.index(name), device)
 
 
 def weight_bytes(model: Decoder) -> int:

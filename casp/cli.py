@@ -71,10 +71,13 @@ def cmd_compress(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import torch
+
     from casp.generate import generate_from_dir
 
     print(generate_from_dir(args.model, args.prompt, args.image, args.max_new_tokens, _device(args.device), args.kv,
-                            args.kv_window))
+                            args.kv_window, cuda_graph=not args.no_cuda_graph,
+                            dtype=getattr(torch, args.dtype) if args.dtype else None))
     return 0
 
 
@@ -215,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-window", type=int, default=128,
                    help="quantized caches: the most recent tokens kept in fp16 (default 128, AKVQ-VL's; 32 cuts KV "
                    "memory more on short prompts at some accuracy cost, see the README's KV results)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="GPU: run every decode step eagerly through transformers' generate instead of replaying "
+                   "one captured CUDA graph per token (the default with the fp16 cache; see casp/decode.py)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="activations and unpacked weights (default: float16 on a GPU, float32 on the CPU)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
 

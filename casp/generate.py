@@ -25,30 +25,52 @@ def open_image(path: str | Path) -> Image.Image:
 
 @torch.no_grad()
 def generate(model, processor, adapter, prompts: list[str], images: list | None = None, max_new_tokens: int = 32,
-             past_key_values=None) -> list[str]:
-    """Greedy continuation of each prompt (with its image, for VLMs); returns only the new text."""
+             past_key_values=None, cuda_graph: bool = True) -> list[str]:
+    """Greedy continuation of each prompt (with its image, for VLMs); returns only the new text.
+
+    On a GPU, one prompt with the fp16 cache decodes through casp.decode (a static cache and one CUDA graph
+    replayed per token) where the adapter allows it and ``cuda_graph`` is set; otherwise transformers'
+    ``generate`` runs the steps eagerly.
+    """
+    from casp.decode import eos_ids, static_greedy_generate
+
     if images is not None and not adapter.is_multimodal:
         raise CaspError(f"this is a text-only {adapter.family} model; drop --image")
     inputs = adapter.build_inputs(processor, prompts, images).to(next(model.parameters()).device)
-    kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
     tokenizer = getattr(processor, "tokenizer", processor)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, **kwargs)
-    new = out[:, inputs["input_ids"].shape[1]:]
+    if graph_decode_applies(model, adapter, len(prompts), past_key_values, cuda_graph):
+        new = static_greedy_generate(model, dict(inputs), max_new_tokens, eos_ids(model))
+    else:
+        kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, **kwargs)
+        new = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
+def graph_decode_applies(model, adapter, batch: int, past_key_values, cuda_graph: bool) -> bool:
+    """Whether generate() takes the CUDA-graph path: GPU, one prompt, fp16 cache, a family that allows it."""
+    on_gpu = next(model.parameters()).is_cuda
+    return cuda_graph and on_gpu and batch == 1 and past_key_values is None and adapter.graph_decode
+
+
 def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_tokens: int = 32,
-                      device: str = "cpu", kv: str = "fp16", kv_window: int = 128) -> str:
+                      device: str = "cpu", kv: str = "fp16", kv_window: int = 128, cuda_graph: bool = True,
+                      dtype: torch.dtype | None = None) -> str:
+    """``casp generate``: load ``model_dir`` (in ``dtype``; default float16 on a GPU, where the packed-weight
+    kernels run, float32 on the CPU) and continue ``prompt``."""
     from casp.kernels import triton_available
     from casp.kv.attention import enable_fused_kv_attention
     from casp.kv.methods import make_cache
 
-    model, processor, adapter = load_model(model_dir, device=device)
+    if kv_window < 1:
+        raise CaspError(f"--kv-window must be at least 1 token, got {kv_window}")
+    if max_new_tokens < 1:
+        raise CaspError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    model, processor, adapter = load_model(model_dir, dtype=dtype, device=device)
     images = [open_image(image)] if image else None
     if kv == "akvq" and next(model.parameters()).is_cuda and triton_available():
         enable_fused_kv_attention(model)  # decode steps attend over the packed cache in one Triton kernel
-    if kv_window < 1:
-        raise CaspError(f"--kv-window must be at least 1 token, got {kv_window}")
     cache = make_cache(kv, model, adapter, model_dir=model_dir, residual=kv_window)  # None for fp16
-    return generate(model, processor, adapter, [prompt], images, max_new_tokens, cache)[0]
+    return generate(model, processor, adapter, [prompt], images, max_new_tokens, cache, cuda_graph)[0]

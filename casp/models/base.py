@@ -33,6 +33,9 @@ class ModelAdapter:
     vision_paths: tuple[tuple[str, str], ...] = ()  # (role, dotted path): vision tower, projector
     image_placeholder: str | None = None  # text the processor expands into image tokens
     linear_groups: tuple[tuple[str, ...], ...] = LLAMA_LINEAR_GROUPS
+    # Whether a decode step is a fixed-shape function of (token, position, static cache), so casp.decode can
+    # replay it from a CUDA graph; False where the model derives positions on the host (Qwen2-VL's M-RoPE).
+    graph_decode: bool = True
 
     # ---- structure -------------------------------------------------------------------------------
     @property

@@ -88,6 +88,7 @@ ADAPTER = Qwen2VLAdapter(
     language_model_path="model.language_model",
     vision_paths=(("vision_tower", "model.visual"),),
     image_placeholder=VISION_BLOCK,
+    graph_decode=False,  # decode positions are cache position + rope deltas, chosen by host-side checks
 )
 
 __all__ = ["ADAPTER", "Qwen2VLInputBuilder"]
