@@ -24,6 +24,7 @@ compress, generate) sees a plain LlamaForCausalLM.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -249,6 +250,7 @@ class RealPartsVLM(RealVLMPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -269,11 +271,14 @@ class RealPartsVLM(RealVLMPreTrainedModel, GenerationMixin):
                 vision_cells = self.vision_features(pixel_values)
             image_embeds = self.projector(vision_cells.to(self.projector.linear_1.weight.dtype))
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_embeds)
+        # the cache under the name this transformers' Llama takes (``cache`` since 5.25, ``past_key_values`` before)
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            kwargs[_LLAMA_CACHE_ARGUMENT] = cache
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
@@ -284,7 +289,8 @@ class RealPartsVLM(RealVLMPreTrainedModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         # Images only at the prefill (empty cache): a decode step whose generated token happens to be the
         # <image> id (a badly quantized model does that) is text, not an image slot.
-        cache = model_inputs.get("past_key_values")
+        # transformers >= 5.25 names the cache "cache", earlier versions "past_key_values"
+        cache = model_inputs["cache"] if "cache" in model_inputs else model_inputs.get("past_key_values")
         prefill = cache is None or cache.get_seq_length() == 0
         if prefill:
             if pixel_values is not None:
@@ -296,6 +302,9 @@ class RealPartsVLM(RealVLMPreTrainedModel, GenerationMixin):
             model_inputs.pop("vision_cells", None)
         return model_inputs
 
+
+_LLAMA_FORWARD_PARAMETERS = inspect.signature(LlamaForCausalLM.forward).parameters
+_LLAMA_CACHE_ARGUMENT = "cache" if "cache" in _LLAMA_FORWARD_PARAMETERS else "past_key_values"
 
 AutoConfig.register(MODEL_TYPE, RealVLMConfig, exist_ok=True)
 AutoModelForImageTextToText.register(RealVLMConfig, RealPartsVLM, exist_ok=True)
