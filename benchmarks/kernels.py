@@ -47,12 +47,12 @@ BITS = (2, 3, 4)
 BATCHES = (1, 4, 16, 2048)
 GROUP = 128
 NOMINAL_PEAK_TBS = {"H100": 3.35, "H200": 4.8}  # SXM parts' HBM, vendor datasheets
+ROTATE_BYTES = 200e6  # > 160 MB: weights stream from HBM, not L2
 
 
 def nominal_peak(device_name: str) -> float:
     """The nominal HBM bandwidth (TB/s) of the GPU named ``device_name``; the H100's where unknown."""
     return next((tbs for key, tbs in NOMINAL_PEAK_TBS.items() if key in device_name), NOMINAL_PEAK_TBS["H100"])
-ROTATE_BYTES = 200e6  # > 160 MB: weights stream from HBM, not L2
 
 C = cfgs.KernelConfig
 SWEEP = {
@@ -381,10 +381,11 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name()
     copy_tbs = copy_bandwidth()
+    peak_tbs = nominal_peak(dev)
     lines = [
         f"device: {dev}; torch {torch.__version__}; triton {_tu().triton.__version__}",
         f"measured device-to-device copy bandwidth: {copy_tbs:.2f} TB/s (read + write); "
-        f"nominal HBM peak {nominal_peak(dev)} TB/s",
+        f"nominal HBM peak {peak_tbs} TB/s",
         "timing: CUDA-graph replay, median of 15 replays, each rotating through copies of the layer "
         f"(>= {ROTATE_BYTES / 1e6:.0f} MB) so weights come from HBM; group size {GROUP}; fp16 activations",
         "bytes = packed weight + scales + zeros + activations read (fp16: weight + activations)",
@@ -435,7 +436,7 @@ def main() -> None:
                 if args.sweep and M == 1:
                     m1_best.append((bits, best[1]))
                 for us, path, cfg in rows:
-                    line = _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us[M], copy_tbs, nominal_peak(dev))
+                    line = _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us[M], copy_tbs, peak_tbs)
                     print(line, flush=True)
                     lines.append(line)
             del layers, qw0

@@ -77,7 +77,7 @@ def static_greedy_generate(
     # Static state of the step: the token to feed, its cache position, the output slot, the mask.
     token = out[:, :1].clone()
     position = torch.full((1,), prompt_len, dtype=torch.long, device=device)
-    position_ids = position.view(1, 1).clone()
+    position_ids = position.view(1, 1)  # a view: advancing the position advances it
     slot = torch.ones(1, dtype=torch.long, device=device)
     mask = torch.full((1, 1, 1, total), torch.finfo(dtype).min, dtype=dtype, device=device)
     prompt_mask = inputs.get("attention_mask")
@@ -92,7 +92,6 @@ def static_greedy_generate(
         out.index_copy_(1, slot, nxt)
         token.copy_(nxt)
         position.add_(1)
-        position_ids.add_(1)
         slot.add_(1)
 
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
