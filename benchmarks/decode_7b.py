@@ -9,7 +9,7 @@ step has fixed shapes and can be captured in a CUDA graph), greedy next token. T
 * casp: every decoder linear (q, k, v, o, gate, up, down) a ``casp.quant.linear.QuantLinear`` holding
   random "uniform" codes (2-bit, group 128: 2.25 bits per weight with the fp16 scales and zeros), forward
   through ``casp.kernels.linear`` (the Triton kernels on CUDA), once per batch-1 kernel in ``--m1``
-  (uniform_config.GEMV_M1: "gemv" stored layout, "slab"/"slab16" repacked layout);
+  (uniform_config.GEMV_M1: "gemv" stored layout, "slab"/"slab16"/"kmajor" repacked layouts);
 * casp mix: as casp but layers 0, 1, 30, 31 at 4 bits (2.25 average code bits, 2.5 bits per weight
   with scales and zeros); the embedding and lm_head stay fp16 in every variant.
 
@@ -268,7 +268,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=None, help="KV buffer positions (default 256; tiny 32)")
     ap.add_argument("--tokens", type=int, default=None, help="timed graph replays (default 128; tiny 8)")
     ap.add_argument("--eager-tokens", type=int, default=None, help="timed eager steps (default 16; tiny 4)")
-    ap.add_argument("--m1", default="gemv,slab,slab16", help="batch-1 kernels to time for casp (uniform_config)")
+    ap.add_argument("--m1", default="gemv,slab16,kmajor", help="batch-1 kernels to time for casp (uniform_config)")
     ap.add_argument("--no-mix", action="store_true", help="skip the mixed 2/4-bit variant")
     ap.add_argument("--tuned", default=None, help="JSON of kernel configs from benchmarks/kernels.py --tuned-json")
     args = ap.parse_args()
@@ -289,6 +289,7 @@ def main() -> None:
     graphs = device == "cuda"
     dtype = torch.float16 if device == "cuda" else torch.float32
     m1_list = [m for m in args.m1.split(",") if m] if device == "cuda" else ["torch path"]
+    default_m1 = uniform_config.GEMV_M1
     torch.manual_seed(0)
     if device == "cpu":
         torch.set_num_threads(1)  # tiny shapes: threads only add synchronization (and fight other jobs)
@@ -349,7 +350,7 @@ def main() -> None:
                 msg = f"{name} [{m1}]: FAILED {type(e).__name__}: {str(e)[:300]}"
                 print(msg, flush=True)
                 rows.append(msg)
-        uniform_config.GEMV_M1 = "gemv"
+        uniform_config.GEMV_M1 = default_m1
         # kernels vs the torch path (dequantized weights, F.linear) on the same step
         with torch.no_grad():
             tok = torch.zeros(1, dtype=torch.long, device=device)
@@ -368,7 +369,7 @@ def main() -> None:
                     f"{name} [{m1}]: logits vs torch path (dequantized weights): rel {rel(y_k, y_t):.1e}, "
                     f"max abs {float((y_k - y_t).abs().max()):.2e}, same argmax {bool(y_k.argmax() == y_t.argmax())}"
                 )
-            uniform_config.GEMV_M1 = "gemv"
+            uniform_config.GEMV_M1 = default_m1
         del model
     tail = ["", "checks:"] + ["  " + c for c in checks] + [f"total {time.time() - t0:.0f}s"]
     print("\n".join(tail), flush=True)

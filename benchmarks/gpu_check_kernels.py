@@ -10,6 +10,7 @@ an output is not finite.
 
     python benchmarks/gpu_check_kernels.py [--out FILE]
     python benchmarks/gpu_check_kernels.py --only slab --out FILE   # the slab-layout batch-1 kernels only
+    python benchmarks/gpu_check_kernels.py --only kmajor --out FILE # the K-major batch-1 kernel only
 
 The slab kernels (casp/kernels/triton_slab.py, paths "slab" and "slab16") are checked for 2/4/8 bits on
 every shape, group 128 / per-channel / odd groups, act-order, fp16 and bf16, bias, 1 and 3 rows, and
@@ -31,6 +32,7 @@ from kernels import SWEEP, make_layer, precompile  # noqa: E402  (benchmarks/ker
 
 from casp import kernels  # noqa: E402
 from casp.kernels import triton_uniform as tu  # noqa: E402
+from casp.kernels.uniform_config import KernelConfig as C  # noqa: E402
 from casp.quant.linear import QuantLinear  # noqa: E402
 
 BIG = [(4096, 4096), (11008, 4096), (4096, 11008), (13824, 5120), (5120, 13824)]
@@ -105,12 +107,40 @@ def slab_cases():
     return out
 
 
+def kmajor_cases():
+    """Cases of the K-major kernel (casp/kernels/triton_kmajor.py): 2/4 bits, the 7B shapes and odd ones, act-order,
+    bias, 1 and 3 rows, a spread of configs ("kmajor|bn|bk|warps|split|stages"), and the dispatch with
+    GEMV_M1 = "kmajor" (which keeps the stored-layout gemv for bf16, 3 and 8 bits)."""
+    out = []
+    for N, K in BIG[:3]:
+        for bits in (2, 4):
+            for group in (128, -1):
+                out.append((N, K, group, bits, group == 128, torch.float16, 1, "kmajor", False))
+            out.append((N, K, 128, bits, False, torch.float16, 3, "kmajor", True))
+    for N, K, group in ODD + [(300, 520, 40), (64, 4096, 256), (48, 75, -1), (1000, 96, 32)]:
+        for bits in (2, 4):
+            if group != -1 and group % (32 // bits):
+                continue
+            out.append((N, K, group, bits, bits == 4, torch.float16, 1, "kmajor", True))
+    for N, K in ((4096, 11008), (11008, 4096)):
+        for bits in (2, 4):
+            for c in (C(512, 128, 4, 2, split=8), C(1024, 128, 8, 3, split=4), C(256, 64, 2, 2, split=16),
+                      C(512, 64, 4, 3, split=32), C(1024, 64, 4, 2, split=1)):  # fmt: skip
+                path = f"kmajor|{c.bn}|{c.bk}|{c.num_warps}|{c.split}|{c.num_stages}"
+                out.append((N, K, 128, bits, False, torch.float16, 1, path, False))
+    for N, K, group in ((11008, 4096, 128), (576, 576, 128), (40, 72, 8), (33, 100, -1)):
+        for bits in (2, 3, 4, 8):
+            for dtype in (torch.float16, torch.bfloat16):
+                out.append((N, K, group, bits, False, dtype, 1, "m1:kmajor", True))
+    return out
+
+
 def _path_cfg(path):
-    """(path, KernelConfig or None) of a case's path string."""
+    """(path, KernelConfig or None) of a case's path string "name|bn|bk|warps|split[|stages]"."""
     if path is None or "|" not in path:
         return path, None
-    name, bn, bk, nw, split = path.split("|")
-    return name, tu.KernelConfig(int(bn), int(bk), int(nw), split=int(split))
+    name, bn, bk, nw, split, *stages = path.split("|")
+    return name, tu.KernelConfig(int(bn), int(bk), int(nw), int(stages[0]) if stages else 2, split=int(split))
 
 
 def _run(x, qw, g, bits, bias, path):
@@ -118,13 +148,14 @@ def _run(x, qw, g, bits, bias, path):
     given batch-1 kernel ("m1:<kernel>")."""
     if path is None or path.startswith("m1:"):
         m1 = None if path is None else path[3:]
+        default_m1 = tu.cfgs.GEMV_M1
         if m1:
             tu.cfgs.GEMV_M1 = m1
         try:
             y = kernels.linear(x, qw, bias)
-            name = f"dispatch:{tu.choose_path(x.shape[0], bits, g, qw.n_groups)}"
+            name = f"dispatch:{tu.choose_path(x.shape[0], bits, g, qw.n_groups, half=x.dtype == torch.float16)}"
         finally:
-            tu.cfgs.GEMV_M1 = "gemv"
+            tu.cfgs.GEMV_M1 = default_m1
         return y, name
     name, cfg = _path_cfg(path)
     y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, qw.perm, bits, g, bias, name, cfg)
@@ -133,6 +164,7 @@ def _run(x, qw, g, bits, bias, path):
 
 def _warm(case) -> str:
     N, K, group, bits, act, dtype, M, path, bias = case
+    default_m1 = tu.cfgs.GEMV_M1
     if path is not None and path.startswith("m1:"):
         tu.cfgs.GEMV_M1 = path[3:]
         path = None
@@ -150,7 +182,7 @@ def _warm(case) -> str:
     except Exception as e:  # reported again (as a failed case) when the case runs in the parent
         return f"{type(e).__name__}"
     finally:
-        tu.cfgs.GEMV_M1 = "gemv"
+        tu.cfgs.GEMV_M1 = default_m1
     return ""
 
 
@@ -158,9 +190,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=14)
-    ap.add_argument("--only", choices=["all", "slab", "old"], default="all", help="which kernels to check")
+    ap.add_argument("--only", choices=["all", "slab", "kmajor", "old"], default="all", help="which kernels to check")
     args = ap.parse_args()
-    all_cases = {"all": cases() + slab_cases(), "slab": slab_cases(), "old": cases()}[args.only]
+    all_cases = {
+        "all": cases() + slab_cases() + kmajor_cases(),
+        "slab": slab_cases(),
+        "kmajor": kmajor_cases(),
+        "old": cases(),
+    }[args.only]
     precompile(all_cases, args.workers, fn=_warm)
     # each line goes to the file as it is made: a run cut off by a time limit keeps the cases it checked
     out = open(args.out, "w", buffering=1) if args.out else None  # noqa: SIM115

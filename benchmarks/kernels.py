@@ -16,7 +16,7 @@ and vs an fp32 reference.
         # batch 1: old gemv (stored layout) vs the slab kernels (fp32 / half2 decode) vs fp16, one row each;
         # only the named paths are swept
 
-At M = 1 every kernel in --m1-paths (default gemv, slab, slab16) gets its own row, so the stored-layout
+At M = 1 every kernel in --m1-paths (default gemv, slab16, kmajor) gets its own row, so the stored-layout
 gemv and the slab-layout kernels are compared with fp16 in the same run.
 
 With --sweep the best config per (path, bits, N, K) is printed as a ``TUNED`` table to paste into
@@ -65,6 +65,8 @@ SWEEP = {
              C(64, 256, 4, split=8)],
 }  # fmt: skip
 SWEEP["slab16"] = SWEEP["slab"]
+SWEEP["kmajor"] = [C(512, 128, 4, split=8), C(512, 128, 4, split=16), C(1024, 128, 8, split=8),
+                   C(512, 64, 4, split=16), C(256, 128, 2, split=16)]  # fmt: skip
 # --wide (batch 1): a broad grid over rows per program, codes per step, K splits, warps and loop style
 # (num_stages 2: hand prefetch one step ahead; 3-4: Triton's pipeliner, slab kernels only)
 WIDE = {
@@ -72,6 +74,10 @@ WIDE = {
              for w in (4, 8)],
     "slab16": [C(bn, bk, w, st, split=sp) for bn in (16, 32, 64, 128) for bk in (256, 512) for sp in (1, 2, 4, 8)
                for w in (4, 8) for st in (2, 4) if bn * bk <= 32768],
+    # K-major: warps side by side along the rows (bn >= 128 x warps), one slab or half of one per step; after the
+    # first H200 sweep (kernels_kmajor_h200.txt: smaller blocks and deeper pipelines won) this grid goes further that way
+    "kmajor": [C(bn, bk, w, st, split=sp) for bn in (128, 256, 512) for w in (1, 2, 4) if bn >= 128 * w
+               for bk in (64, 128) for sp in (8, 16, 24, 32) for st in (3, 4, 5)],
 }  # fmt: skip
 
 
@@ -83,14 +89,17 @@ def _tu():
 
 
 def plan_tasks(shapes, bits_list, batches, sweep: bool, m1_paths, sweep_paths, wide: bool = False) -> list[tuple]:
-    """Every (N, K, bits, group, M, path, config, dtype, act_order) that main() compiles and times."""
+    """Every (N, K, bits, group, M, path, config, dtype, act_order) that main() compiles and times.
+
+    ``wide`` sweeps the WIDE grid of the paths in ``sweep_paths`` (of every WIDE path if that is empty).
+    """
     return [
         (N, K, b, GROUP, M, p, c, torch.float16, False)
         for (N, K) in shapes
         for b in bits_list
         for M in batches
         for p in paths_for(M, b, sweep, m1_paths)
-        for c in candidates(p, b, N, K, M, sweep or p in sweep_paths, wide)
+        for c in candidates(p, b, N, K, M, sweep or p in sweep_paths, wide and (not sweep_paths or p in sweep_paths))
     ]
 
 
@@ -211,7 +220,11 @@ def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool, wide: 
 def paths_for(M: int, bits: int, sweep: bool, m1_paths=("gemv",)) -> list[str]:
     G = -(-4096 // GROUP)
     if M == 1 and len(m1_paths) > 1:
-        return [p for p in m1_paths if p == "gemv" or cfgs.slab_ok(bits, GROUP, G)]
+        return [
+            p
+            for p in m1_paths
+            if p == "gemv" or (cfgs.kmajor_ok(bits, GROUP, G) if p == "kmajor" else cfgs.slab_ok(bits, GROUP, G))
+        ]
     if not sweep:
         return [cfgs.choose_path(M, bits, GROUP, G)]
     small = "tc" if cfgs.tc_supported(bits, GROUP, G) else "dot"
@@ -342,7 +355,9 @@ def _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us, copy_tbs, peak_tbs) -> s
     e_torch, e_fp32, rel = errors(qw0, x, y)
     nbytes = packed_bytes(qw0) + x.numel() * 2
     tbs = nbytes / (us * 1e-6) / 1e12
-    cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}" + (f"m{cfg.bm}" if path in ("dot", "tc") else "")
+    cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}s{cfg.num_stages}" + (
+        f"m{cfg.bm}" if path in ("dot", "tc") else ""
+    )
     return (
         f"{N:>5}x{K:<6} {bits:>4} {M:>5} {path:>7} {cfg_s:>22} {us:9.1f} {fp16_us:9.1f} "
         f"{fp16_us / us:7.2f}x {tbs:6.2f} {100 * tbs / peak_tbs:5.0f}% {100 * tbs / copy_tbs:5.0f}% "
@@ -359,9 +374,9 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="e.g. 1,16")
     ap.add_argument("--workers", type=int, default=14)
     ap.add_argument("--sweep-log", default=None, help="with --sweep: write every config's time here")
-    ap.add_argument("--m1-paths", default="gemv,slab,slab16", help="kernels timed (one row each) at M = 1")
+    ap.add_argument("--m1-paths", default="gemv,slab16,kmajor", help="kernels timed (one row each) at M = 1")
     ap.add_argument("--sweep-paths", default=None, help="sweep SWEEP configs for these paths only, e.g. slab,slab16")
-    ap.add_argument("--wide", action="store_true", help="batch 1: sweep the broad WIDE grid for gemv and slab16")
+    ap.add_argument("--wide", action="store_true", help="batch 1: sweep the broad WIDE grid of the M = 1 paths")
     ap.add_argument("--aqlm", action="store_true", help="also time the experimental AQLM 2x8 GEMV (batch 1)")
     ap.add_argument("--quip", action="store_true", help="also time the experimental QuIP# E8P kernel (batch 1)")
     ap.add_argument("--tuned-json", default=None, help="write the best configs found here (decode_7b.py --tuned)")
@@ -370,7 +385,8 @@ def main() -> None:
     sweep_paths = set(args.sweep_paths.split(",")) if args.sweep_paths else set()
 
     def cands(path, bits, N, K, M):
-        return candidates(path, bits, N, K, M, args.sweep or path in sweep_paths, args.wide)
+        wide = args.wide and (not sweep_paths or path in sweep_paths)
+        return candidates(path, bits, N, K, M, args.sweep or path in sweep_paths, wide)
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     bits_list = [int(b) for b in args.bits.split(",")] if args.bits else BITS

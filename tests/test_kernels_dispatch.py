@@ -77,7 +77,7 @@ def test_import_and_cpu_call_without_triton():
         "x = torch.randn(2, 72)\n"
         "assert torch.equal(kernels.linear(x, qw), qw.matmul(x))\n"
         "from casp.kernels import uniform_config\n"
-        "assert uniform_config.choose_path(1, 2, 128, 32) == 'gemv'\n"
+        "assert uniform_config.choose_path(1, 2, 128, 32) == 'kmajor'\n"
         "assert 'casp.kernels.triton_uniform' not in sys.modules\n"
         "print('ok')\n"
     )
@@ -91,7 +91,9 @@ def test_import_and_cpu_call_without_triton():
 
 def test_choose_path_by_batch_and_support():
     for bits in (2, 4, 8):
-        assert cfgs.choose_path(1, bits, 128, 32) == "gemv"
+        # batch 1: the K-major kernel for fp16 at 2/4 bits, the stored-layout gemv for 8 bits and bf16
+        assert cfgs.choose_path(1, bits, 128, 32) == ("gemv" if bits == 8 else "kmajor")
+        assert cfgs.choose_path(1, bits, 128, 32, half=False) == "gemv"
         assert cfgs.choose_path(4, bits, 128, 32) == "tc"
         assert cfgs.choose_path(64, bits, 128, 32) == "tc"
         assert cfgs.choose_path(65, bits, 128, 32) == "dequant"
@@ -129,8 +131,10 @@ def test_default_configs_are_valid(bits, group):
 
 def test_tuned_table_entries_are_consistent():
     for (path, bits, _N, K, bucket), cfg in cfgs.TUNED.items():
-        assert path in ("gemv", "tc", "dot", "dequant") and bucket in (1, 16, 64)
+        assert path in ("gemv", "kmajor", "tc", "dot", "dequant") and bucket in (1, 16, 64)
         assert cfg.bk >= cfgs.unit_geometry(bits)[0]
+        if path == "kmajor":
+            assert bucket == 1 and cfgs.kmajor_ok(bits, 128, K // 128) and cfg.bn >= 128 * cfg.num_warps
         if path == "tc":
             assert cfgs.tc_supported(bits, 128, K // 128) and 128 % cfg.bk == 0
 

@@ -14,7 +14,7 @@ import torch
 from casp.kernels import slab_layout as sl
 from casp.kernels import uniform_config as cfgs
 from casp.quant.uniform import UniformWeight
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_interpreter import needs_triton, run_compiled, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,3 +164,105 @@ def test_kernels_benchmark_plans_without_triton():
                 assert path in m1_paths and (path == "gemv" or cfgs.slab_ok(b, 128, K // 128))
     swept = kb.plan_tasks(shapes, (2,), (1,), False, m1, {"slab16"})
     assert sum(t[5] == "slab16" for t in swept) == len(shapes) * len(kb.SWEEP["slab16"])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize(("K", "group"), [(576, 128), (100, 100), (256, 64), (96, 32)])
+def test_kmajor_layout_is_the_slab_layout_transposed(bits, K, group):
+    qw = _layer(N=20, K=K, bits=bits, group=group, seed=K + bits)
+    wpg = sl.slab_words(bits, group, K)
+    kw = sl.repack_kmajor(qw.qweight, bits, K, wpg)
+    assert kw.shape == (sl.n_slabs(K, bits, wpg) * wpg, 20) and kw.is_contiguous()
+    assert torch.equal(sl.unpack_slabs(kw.t(), bits, K, wpg), qw.codes().to(torch.int64))
+
+
+def test_pack_scale_zero_halves_and_code_shift():
+    qw = _layer(N=6, K=256, bits=2, group=64)
+    sz = sl.pack_scale_zero(qw.scales, qw.zeros, pre=4)
+    assert sz.shape == (qw.n_groups, 6) and sz.dtype == torch.int32
+    halves = sz.t().contiguous().view(torch.float16).view(6, qw.n_groups, 2)
+    assert torch.equal(halves[..., 0], (qw.scales.float() * 16).half())  # low half: scale * 2^pre (exact)
+    assert torch.equal(halves[..., 1], (qw.zeros.float() / 16).half())  # high half: zero * 2^-pre
+    assert sl.kmajor_code_shift(qw.scales) == 4
+    assert sl.kmajor_code_shift(torch.full((2, 2), 5000.0).half()) == 0  # 5000 * 16 would overflow fp16
+
+
+def test_cached_kmajor_reused_and_invalidated():
+    qw = _layer(N=8, K=256, bits=4, group=64)
+    a = sl.cached_kmajor(qw.qweight, qw.scales, qw.zeros, 4, 256, 8)
+    assert sl.cached_kmajor(qw.qweight, qw.scales, qw.zeros, 4, 256, 8) is a
+    qw.scales.mul_(2)  # new scales: a fresh packed copy
+    b = sl.cached_kmajor(qw.qweight, qw.scales, qw.zeros, 4, 256, 8)
+    assert b is not a and torch.equal(b[1], sl.pack_scale_zero(qw.scales, qw.zeros, b[2]))
+    assert getattr(qw.qweight, "_casp_slab", None) is None  # its own cache: the slab one is untouched
+
+
+def test_choose_path_kmajor_only_for_fp16_and_2_or_4_bits():
+    assert cfgs.choose_path(1, 2, 128, 32, m1="kmajor") == "kmajor"
+    assert cfgs.choose_path(1, 4, 128, 32, m1="kmajor") == "kmajor"
+    assert cfgs.choose_path(1, 2, 128, 32, m1="kmajor", half=False) == "gemv"  # bf16: half2 products need fp16
+    assert cfgs.choose_path(1, 8, 128, 32, m1="kmajor") == "gemv"
+    assert cfgs.choose_path(1, 3, 128, 32, m1="kmajor") == "gemv"
+    assert cfgs.choose_path(4, 2, 128, 32, m1="kmajor") == "tc"
+
+
+_INTERPRET_KMAJOR = textwrap.dedent(
+    """
+    import torch
+    from casp.kernels import triton_uniform as tu
+    from tests.test_kernels_slab import _layer
+    worst = 0.0
+    # (N, K, group, rows M, (bn, bk, warps, split, stages)): masked rows and columns, one group per row, K split
+    # in two and three, half a slab per step, 3 activation rows, Triton's pipelined loop (stages 3), an EVEN layer
+    cases = [(40, 576, 128, 1, (16, 64, 1, 2, 3)), (33, 75, 75, 1, (16, 128, 1, 1, 2)),
+             (64, 1024, 128, 3, (64, 128, 2, 2, 2)), (32, 512, 128, 1, (32, 64, 1, 3, 2)),
+             (64, 1024, 128, 1, (32, 128, 2, 3, 3)), (48, 96, 32, 2, (16, 128, 1, 1, 2))]
+    for (N, K, group, M, (bn, bk, warps, split, stages)) in cases:
+        for bits in (2, 4):
+            qw = _layer(N, K, bits, group)
+            if not tu.cfgs.kmajor_ok(bits, group, qw.n_groups):
+                continue
+            x = torch.randn(M, K).half()
+            b = torch.randn(N).half()
+            y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group, b, "kmajor",
+                                  tu.KernelConfig(bn, bk, warps, stages, split=split))
+            ref = x.double() @ qw.dequantize(torch.float64).T + b.double()
+            worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+    assert worst < 3e-3, worst
+    print("ok", worst)
+    """
+)
+
+
+@needs_triton
+def test_kmajor_kernel_under_triton_interpreter():
+    run_interpreted(_INTERPRET_KMAJOR)
+
+
+_COMPILE_KMAJOR = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from casp.kernels.triton_kmajor import _kmajor_gemv_kernel as kernel
+    sig = {name: "i32" for name in kernel.arg_names}
+    sig.update({"x_ptr": "*i32", "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*fp16", "y_ptr": "*fp16",
+                "ws_ptr": "*fp32", "cnt_ptr": "*i32"})
+    for bits, bk, bn, warps, stages, even in ((2, 8, 512, 4, 2, True), (4, 16, 512, 4, 3, True),
+                                              (2, 4, 256, 2, 2, False), (4, 8, 1024, 8, 2, False)):
+        const = {"BITS": bits, "WPG": 8 if bits == 2 else 16, "BK": bk, "BN": bn, "PRE": 4, "TWO": bits == 4,
+                 "ASM": True, "EVEN": even, "HAS_BIAS": not even, "SPLIT": 4, "STAGES": stages}
+        sig.update({n: "constexpr" for n in const})
+        constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        assert compiled.asm["cubin"]
+        assert "fma.rn.f16x2" in compiled.asm["ptx"]  # the half2 decode, not the interpreter's fp32 one
+    print("ok")
+    """
+)
+
+
+@needs_triton
+def test_kmajor_kernel_compiles_for_sm90():
+    run_compiled(_COMPILE_KMAJOR)

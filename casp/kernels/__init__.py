@@ -3,9 +3,10 @@
 ``linear(x, qw, bias)`` is what ``QuantLinear.forward`` calls. Dispatch:
 
 * format "uniform", x on CUDA in fp16/bf16, Triton importable -> casp.kernels.triton_uniform
-  (gemv at batch 1, tensor-core dot for small batches, dequantize + cuBLAS for prefill); at batch 1 the
-  slab-layout kernels of casp.kernels.triton_slab where ``uniform_config.GEMV_M1`` names one (the weight
-  is repacked once, on first use, and the copy is kept on its ``qweight`` tensor);
+  (at batch 1 the K-major GEMV of casp.kernels.triton_kmajor for fp16 at 2 or 4 bits, else the stored-layout
+  gemv; tensor-core dot for small batches; dequantize + cuBLAS for prefill). The batch-1 kernel is
+  ``uniform_config.GEMV_M1``; the repacked layouts it may use are made once, on first use, and kept on the
+  weight's ``qweight`` tensor (one more copy of the packed codes, scales and zeros);
 * anything else (CPU, fp32 activations, other formats, no Triton) -> ``qw.matmul(x)`` (+ bias), the
   dequantize-then-matmul reference path.
 

@@ -18,6 +18,11 @@ codes to a whole number of slabs. Only b in {2, 4, 8} (codes never straddle word
 are a multiple of cpw are supported: :func:`slab_words` returns None otherwise and callers use the stored
 layout.
 
+The *K-major* variant (:func:`repack_kmajor`, for casp/kernels/triton_kmajor.py) stores the same words
+transposed, [n_slabs * WPG, N]: the words of one K position for consecutive output rows are adjacent, so
+a thread's 16-byte load holds 4 rows of the same columns and every activation pair it loads serves all
+of them. Its scales and zeros travel together as one int32 half2 (scale, zero) per [group, row].
+
 Pure torch (no Triton): the repacking runs on whatever device the packed weight is on.
 """
 
@@ -29,6 +34,7 @@ from casp.quant.packing import unpack_codes
 
 SLAB_CODES = 128  # codes per slab when the group allows it: 8 words at 2 bits, 16 at 4, 32 at 8
 _CACHE_ATTR = "_casp_slab"
+_KMAJOR_ATTR = "_casp_kmajor"  # its own attribute: a graph captured on one layout keeps its buffers alive
 
 
 def slab_words(bits: int, group_size: int, K: int) -> int | None:
@@ -79,6 +85,15 @@ def unpack_slabs(words: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Tens
     return c.reshape(N, T * 2 * hp * wpg)[:, :K]
 
 
+def _refuse_inside_capture(qweight: torch.Tensor) -> None:
+    """A repack inside CUDA-graph capture would be recorded into the graph (and redone at every replay)."""
+    if qweight.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "a batch-1 kernel's repacked copy of this weight is made on its first call, which is being captured "
+            "into a CUDA graph: run one forward (with the same batch size) before capturing"
+        )
+
+
 def cached_slabs(qweight: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Tensor:
     """Slab words of ``qweight``, repacked on first use and kept on the tensor object itself.
 
@@ -92,6 +107,47 @@ def cached_slabs(qweight: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Te
     key = (qweight._version, bits, K, wpg)
     if hit is not None and hit[0] == key:
         return hit[1]
+    _refuse_inside_capture(qweight)
     words = repack_slabs(qweight, bits, K, wpg)
     setattr(qweight, _CACHE_ATTR, (key, words))
     return words
+
+
+def repack_kmajor(qweight: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Tensor:
+    """Stored "uniform" words [N, ceil(K/32)*b] -> K-major slab words [n_slabs * wpg, N] (int32)."""
+    return repack_slabs(qweight, bits, K, wpg).t().contiguous()
+
+
+def pack_scale_zero(scales: torch.Tensor, zeros: torch.Tensor, pre: int = 0) -> torch.Tensor:
+    """fp16 scales and zeros [N, G] -> int32 [G, N] whose low half is scale * 2^pre and high half zero * 2^-pre.
+
+    The K-major kernel decodes codes as q 2^-pre; the power of two moves to the scale (exact in fp16).
+    """
+    s = (scales.float() * 2.0**pre).to(torch.float16)
+    z = (zeros.float() * 2.0**-pre).to(torch.float16)
+    sz = torch.stack([s, z], dim=-1).contiguous()  # [N, G, 2]
+    return sz.view(torch.int32).squeeze(-1).t().contiguous()
+
+
+def kmajor_code_shift(scales: torch.Tensor, pre: int = 4) -> int:
+    """The power of two the K-major kernel divides codes by: ``pre`` unless scales * 2^pre would overflow fp16."""
+    return pre if float(scales.abs().max()) * 2.0**pre < 65504 else 0
+
+
+def cached_kmajor(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, K: int, wpg: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(K-major words, packed scale/zero, code shift) of a weight, made on first use and kept on ``qweight``.
+
+    Same contract as :func:`cached_slabs` (keyed by the tensors' version counters; call a forward before
+    capturing a CUDA graph); costs one more copy of the codes, scales and zeros.
+    """
+    hit = getattr(qweight, _KMAJOR_ATTR, None)
+    key = (qweight._version, scales.data_ptr(), scales._version, zeros.data_ptr(), zeros._version, bits, K, wpg)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _refuse_inside_capture(qweight)
+    pre = kmajor_code_shift(scales)
+    packed = (repack_kmajor(qweight, bits, K, wpg), pack_scale_zero(scales, zeros, pre), pre)
+    setattr(qweight, _KMAJOR_ATTR, (key, packed))
+    return packed

@@ -41,18 +41,20 @@ from casp.kernels.uniform_config import KernelConfig
 
 
 @triton.jit
-def _half_mac(w, x2, d, J: tl.constexpr, BITS: tl.constexpr):
-    """d + (q_J x_J, q_J' x_J') as half2 (int32 bits), q_J, q_J' = codes J and J + 16/BITS of each word w.
+def _half_mac(w, x2, d, J: tl.constexpr, BITS: tl.constexpr, PRE: tl.constexpr = 0):
+    """d + (q_J x_J, q_J' x_J') 2^-PRE as half2 (int32 bits), q_J, q_J' = codes J and J + 16/BITS of each word w.
 
     Same constants as triton_uniform._pair: codes far up a half are read from w >> 8 so that
-    q 2^sh < 1024 (the fp16 1024 + q 2^sh is then exact).
+    q 2^sh < 1024 (the fp16 1024 + q 2^sh is then exact). PRE scales the decoded codes by an exact
+    power of two (free: it is folded into the decode constants), which keeps half2 sums further from
+    fp16 overflow.
     """
     S: tl.constexpr = J * BITS
     FAR: tl.constexpr = ((1 << BITS) - 1) * (1 << S) >= 1024
     SH: tl.constexpr = S - 8 * FAR
     MASK: tl.constexpr = (((1 << BITS) - 1) << SH) * 65537
-    SCALE: tl.constexpr = ((15 - SH) << 10) * 65537  # half2(2^-sh, 2^-sh)
-    OFF: tl.constexpr = (0x8000 | ((25 - SH) << 10)) * 65537  # half2(-2^(10-sh), -2^(10-sh))
+    SCALE: tl.constexpr = ((15 - SH - PRE) << 10) * 65537  # half2(2^-(sh+pre), ...)
+    OFF: tl.constexpr = (0x8000 | ((25 - SH - PRE) << 10)) * 65537  # half2(-2^(10-sh-pre), ...)
     src = w
     if FAR:
         src = w >> 8  # arithmetic shift: the mask keeps bits below 24 only
@@ -152,7 +154,7 @@ def _slab_step(
             else:
                 x2 = tl.load(xp + J * WPG, mask=pair0 + J * WPG < KH, other=0)
             xs2 = _hadd2(xs2, x2)
-            d2 = _half_mac(w, tl.broadcast_to(x2[:, None, :], [SL, BN, WPG]), d2, J, BITS)
+            d2 = _half_mac(w, tl.broadcast_to(x2[:, None, :], [SL, BN, WPG]), d2, J, BITS, 0)
         d = _half_sum(d2)
         xsum = _half_sum(xs2)
     else:

@@ -753,7 +753,7 @@ def uniform_linear(
 ) -> torch.Tensor:
     """y = x W^T (+ bias) for a "uniform" weight, x [..., K] in fp16/bf16 on CUDA; y in x's dtype.
 
-    ``path`` forces "gemv", "slab", "slab16", "tc", "dot" or "dequant" (benchmarks); None picks by the number
+    ``path`` forces "gemv", "slab", "slab16", "kmajor", "tc", "dot" or "dequant" (benchmarks); None picks by the number
     of rows (uniform_config.choose_path).
     """
     N, K = qweight.shape[0], x.shape[-1]
@@ -767,7 +767,7 @@ def uniform_linear(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, N)
-    path = path or choose_path(M, bits, group_size, scales.shape[1])
+    path = path or choose_path(M, bits, group_size, scales.shape[1], half=x.dtype == torch.float16)
     if path == "dequant":
         w = dequantize(qweight, scales, zeros, bits, group_size, K, x.dtype, cfg)
         y = F.linear(x2, w, bias)
@@ -781,6 +781,12 @@ def uniform_linear(
         from casp.kernels.triton_slab import slab_gemv  # imports this module: loaded lazily
 
         y = slab_gemv(x2, qweight, scales, zeros, bits, group_size, bias, cfg, half=path == "slab16")
+    elif path == "kmajor":
+        from casp.kernels.triton_kmajor import kmajor_gemv  # imports this module: loaded lazily
+
+        y = kmajor_gemv(x2, qweight, scales, zeros, bits, group_size, bias, cfg)
     else:
-        raise ValueError(f"unknown kernel path {path!r}; use 'gemv', 'slab', 'slab16', 'tc', 'dot' or 'dequant'")
+        raise ValueError(
+            f"unknown kernel path {path!r}; use 'gemv', 'slab', 'slab16', 'kmajor', 'tc', 'dot' or 'dequant'"
+        )
     return y.reshape(*lead, N)

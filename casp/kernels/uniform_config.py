@@ -2,12 +2,16 @@
 
 Paths by the number of activation rows M (see :func:`choose_path`):
 
-* ``gemv``: CUDA-core fused unpack + dot, the fastest at M = 1 on an H100 (benchmarks/results/kernels_h100.txt);
+* ``kmajor``: batch-1 GEMV on the K-major slab layout (4 rows per thread, half2 decode; fp16 activations, 2 or
+  4 bits; casp/kernels/triton_kmajor.py), the fastest at M = 1 on an H200 (benchmarks/results/kernels_kmajor_h200.txt);
+* ``gemv``: CUDA-core fused unpack + dot on the stored layout, at M = 1 where kmajor does not apply;
 * ``tc``: tensor-core kernel with an fp16 decode (2/4/8 bits, groups of whole words), for 2 <= M <= 64;
 * ``dot``: tensor-core kernel with an fp32 decode, for what ``tc`` does not support (3 bits, odd groups);
 * ``dequant``: dequantize into the activation dtype, then cuBLAS, for M > 64 (prefill);
 * ``slab`` / ``slab16``: batch-1 GEMV on the slab layout (casp/kernels/slab_layout.py, repacked once per
-  weight), fp32 / half2 decode (casp/kernels/triton_slab.py). ``GEMV_M1`` names the kernel used at M = 1.
+  weight), fp32 / half2 decode (casp/kernels/triton_slab.py), kept for comparison.
+
+``GEMV_M1`` names the kernel used at M = 1.
 """
 
 from __future__ import annotations
@@ -84,6 +88,13 @@ TUNED: dict[tuple[str, int, int, int, int], KernelConfig] = {
     ("dot", 3, 5120, 13824, 16): KernelConfig(16, 256, 4, 2, split=4),
     ("dot", 3, 11008, 4096, 16): KernelConfig(16, 256, 4, 2, split=4),
     ("dot", 3, 13824, 5120, 16): KernelConfig(16, 256, 4, 2, split=4),
+    # M = 1, K-major kernel: best of 96 configs per shape on an H200 (kernels_kmajor_h200.txt, --wide)
+    ("kmajor", 2, 4096, 4096, 1): KernelConfig(256, 64, 2, 3, split=16),
+    ("kmajor", 2, 4096, 11008, 1): KernelConfig(256, 128, 2, 3, split=16),
+    ("kmajor", 2, 11008, 4096, 1): KernelConfig(256, 128, 2, 2, split=16),
+    ("kmajor", 4, 4096, 4096, 1): KernelConfig(256, 64, 2, 3, split=16),
+    ("kmajor", 4, 4096, 11008, 1): KernelConfig(256, 64, 2, 3, split=32),
+    ("kmajor", 4, 11008, 4096, 1): KernelConfig(256, 64, 2, 3, split=16),
 }
 
 # Paths by batch rows M (choose_path): tensor cores up to DOT_MAX_M rows, else dequantize + cuBLAS; the CUDA-core
@@ -91,9 +102,10 @@ TUNED: dict[tuple[str, int, int, int, int], KernelConfig] = {
 GEMV_MAX_M = 1
 DOT_MAX_M = 64
 GEMV_AT_M1: tuple[int, ...] = (2, 3, 4, 8)
-# The M = 1 kernel where the slab layout applies (slab_ok): "gemv" (stored layout), "slab" or "slab16".
-GEMV_M1 = "gemv"
-M1_PATHS = ("gemv", "slab", "slab16")
+# The M = 1 kernel where the slab layout applies (slab_ok): "gemv" (stored layout), "slab", "slab16" or "kmajor"
+# (where kmajor does not apply, i.e. bf16 activations or 8 bits, the stored-layout gemv runs).
+GEMV_M1 = "kmajor"  # the fastest at every measured shape and bit width (kernels_kmajor_h200.txt)
+M1_PATHS = ("gemv", "slab", "slab16", "kmajor")
 
 
 def unit_geometry(bits: int) -> tuple[int, int]:
@@ -104,6 +116,10 @@ def unit_geometry(bits: int) -> tuple[int, int]:
 def default_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size: int = 128) -> KernelConfig:
     """A reasonable config when the shape is not in TUNED: enough programs along N and K to fill 132 SMs."""
     uc, _ = unit_geometry(bits)
+    if path == "kmajor":
+        # what the H200 sweep picked for every 7B shape: 256 rows (2 warps side by side, 4 rows per thread),
+        # 16 K splits, Triton's pipelined loop; one slab per step at 2 bits, half of one at 4
+        return KernelConfig(256, 128 if bits == 2 else 64, 2, 3, split=16)
     if path in ("slab", "slab16"):
         # 64 rows x 4 slabs: each thread holds 16-byte word runs of 4 rows (see triton_slab), 128 registers
         bn = 64
@@ -175,15 +191,25 @@ def slab_ok(bits: int, group_size: int, n_groups: int) -> bool:
     return bits in (2, 4, 8) and (n_groups == 1 or group_size % (32 // bits) == 0)
 
 
-def choose_path(M: int, bits: int, group_size: int, n_groups: int, m1: str | None = None) -> str:
+def kmajor_ok(bits: int, group_size: int, n_groups: int) -> bool:
+    """The K-major kernel applies: 2 or 4 bits and the slab layout (fp16 activations are checked by the caller)."""
+    return bits in (2, 4) and slab_ok(bits, group_size, n_groups)
+
+
+def choose_path(
+    M: int, bits: int, group_size: int, n_groups: int, m1: str | None = None, half: bool = True
+) -> str:
     """Kernel for M activation rows: fp16-decode tensor cores where supported (2/4/8 bits), CUDA-core gemv or the
     fp32-decode tensor-core kernel otherwise, dequantize + cuBLAS for large M.
 
-    ``m1`` overrides GEMV_M1 (the kernel at M = 1 where the slab layout applies).
+    ``m1`` overrides GEMV_M1 (the kernel at M = 1 where the slab layout applies); ``half``: the activations
+    are fp16 (the K-major kernel needs them).
     """
     m1 = m1 or GEMV_M1
     if m1 not in M1_PATHS:
         raise ValueError(f"unknown M = 1 kernel {m1!r}; use one of {M1_PATHS}")
+    if M == 1 and m1 == "kmajor":
+        m1 = "kmajor" if half and kmajor_ok(bits, group_size, n_groups) else "gemv"
     if M == 1 and m1 != "gemv" and slab_ok(bits, group_size, n_groups):
         return m1
     if M > DOT_MAX_M:
