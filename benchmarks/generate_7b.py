@@ -1,4 +1,4 @@
-"""Whole-model decode at batch 1 through casp's generation path: transformers' generate vs one CUDA graph.
+"""Whole-model decode (batch 1 or ``--batch B``) through casp's generation path: generate vs one CUDA graph.
 
 A LLaVA-1.5-7B-shaped transformers ``LlamaForCausalLM`` (32 layers, hidden 4096, MLP 11008, vocab 32000;
 random fp16 weights, nothing downloaded), once in fp16 and once with every decoder linear a
@@ -10,6 +10,8 @@ runs casp's Triton kernels on CUDA. Each model decodes greedily from a random pr
 * graph: ``casp.decode.static_greedy_generate`` (StaticCache, one captured step replayed per token), what
   ``casp generate`` now runs on a GPU with the fp16 cache.
 
+With ``--batch B`` the B prompts are decoded together (what ``casp eval`` does on a GPU) and tok/s counts the
+tokens of every row.
 Timing (end-of-sequence ignored, medians of ``--repeats`` calls after a warm-up call): for generate, whole
 calls of 1, n and 2n new tokens, tok/s = n / (t(2n) - t(n)) and one-off = t(n) - t(1) - (n - 1) / tok/s; for
 the static loop, its own per-phase clock (``stats``): tok/s = steps / decode seconds, one-off = the eager
@@ -107,6 +109,7 @@ def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
 def measure(model, prompt: torch.Tensor, n: int, way: str, repeats: int) -> dict:
     """tok/s of the decode steps and the one-off costs of a call of ``way``, medians of ``repeats`` calls."""
     inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    rows = prompt.shape[0]
     with torch.no_grad():
         if way == "generate":  # no hooks inside generate: derive the step time from calls of 1, n and 2n tokens
 
@@ -118,8 +121,8 @@ def measure(model, prompt: torch.Tensor, n: int, way: str, repeats: int) -> dict
             tn, tokens = timed(lambda: run(n), repeats)
             t2n, _ = timed(lambda: run(2 * n), repeats)
             per_token = (t2n - tn) / n
-            return dict(tok_s=1 / per_token, ms_token=1e3 * per_token, prefill_ms=1e3 * t1,
-                        setup_ms=1e3 * (tn - t1 - (n - 1) * per_token), call_tok_s=n / tn, tokens=tokens.cpu())
+            return dict(tok_s=rows / per_token, ms_token=1e3 * per_token, prefill_ms=1e3 * t1,
+                        setup_ms=1e3 * (tn - t1 - (n - 1) * per_token), call_tok_s=rows * n / tn, tokens=tokens.cpu())
         runs = []
         for i in range(repeats + 1):  # the first call is a warm-up (Triton compiles)
             stats: dict = {}
@@ -130,13 +133,13 @@ def measure(model, prompt: torch.Tensor, n: int, way: str, repeats: int) -> dict
                 runs.append(stats)
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         per_token = med["decode_s"] / runs[0]["decode_steps"]
-        return dict(tok_s=1 / per_token, ms_token=1e3 * per_token, prefill_ms=1e3 * med["prefill_s"],
-                    setup_ms=1e3 * med["setup_s"], call_tok_s=n / med["call_s"], tokens=tokens.cpu())
+        return dict(tok_s=rows / per_token, ms_token=1e3 * per_token, prefill_ms=1e3 * med["prefill_s"],
+                    setup_ms=1e3 * med["setup_s"], call_tok_s=rows * n / med["call_s"], tokens=tokens.cpu())
 
 
 def agree(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Number of leading tokens in which a and b agree."""
-    same = (a[0] == b[0]).long()
+    """Number of leading tokens in which a and b agree in every row."""
+    same = (a == b).all(0).long()
     return int(same.cumprod(0).sum())
 
 
@@ -148,6 +151,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (tok/s counts every row)")
     args = ap.parse_args()
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -160,8 +164,8 @@ def main() -> None:
     import transformers
 
     head = [
-        f"greedy decode at batch 1, LLaVA-1.5-7B language-model shape{' (TINY)' if args.tiny else ''}, random "
-        f"{dtype} weights; prompt {args.prompt} tokens; n = {n} new tokens per call; median of {args.repeats}",
+        f"greedy decode at batch {args.batch}, LLaVA-1.5-7B language-model shape{' (TINY)' if args.tiny else ''}, "
+        f"random {dtype} weights; prompt {args.prompt} tokens; n = {n} new tokens per call; median of {args.repeats}",
         f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}",
         f"casp {args.bits}-bit: every decoder linear a QuantLinear of random {args.bits}-bit codes, group 128; "
         "embedding and lm_head fp16",
@@ -174,7 +178,8 @@ def main() -> None:
     ]
     print("\n".join(head), flush=True)
     rows, checks, results = [], [], {}
-    prompt = torch.randint(1, 256 if args.tiny else 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(1, 256 if args.tiny else 32000, (args.batch, args.prompt),
+                           generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     labels = ("fp16" if device == "cuda" else "fp32", f"casp {args.bits}-bit")
     for label in labels:

@@ -4,10 +4,11 @@
    same static loop run eagerly (same kernels, so bit-identical); how many leading tokens agree with
    transformers' generate is printed (fp16 sums in another order can flip near-ties of a random model).
    Qwen2-VL is run too, for the record, although its adapter keeps it on generate (graph_decode=False).
+   Each graph family also decodes a left-padded batch of 3 prompts (what casp eval runs) both ways.
 2. The demo model compressed with RTN at 4 and 2 bits, loaded the way ``casp generate`` loads it (fp16 on
    the GPU, so the packed-weight Triton kernels run inside the graph): answers
    to held-out questions with ``casp.generate.generate`` on the graph path and with ``cuda_graph=False``
-   (transformers' generate), and the seconds each took.
+   (transformers' generate), and the seconds each took; then casp eval's VQA runner in batches of 8, both ways.
 
     PYTHONPATH=. python benchmarks/gpu_check_graph_decode.py --out $OUT/gpu_check_graph_decode.txt
 """
@@ -26,8 +27,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[0] = os.path.dirname(HERE)  # the repository root, not benchmarks/ (its kernels.py shadows a package)
 
-from casp.decode import eos_ids, static_greedy_generate  # noqa: E402
-from casp.generate import generate, graph_decode_applies  # noqa: E402
+from casp.decode import eos_ids, graph_decode_applies, static_greedy_generate  # noqa: E402
+from casp.generate import generate  # noqa: E402
 from casp.models import get_adapter, load_model  # noqa: E402
 from tests.fixtures import FAMILIES, build, make_image  # noqa: E402
 
@@ -67,6 +68,31 @@ def check_families(lines: list[str], failures: list[str], device: str) -> None:
         lines.append(f"{family}: graph == eager static: {same}; agrees with generate on {agree(graph, ref)} of "
                      f"{ref.shape[1]} tokens; used by casp generate: {adapter.graph_decode}")
         print(lines[-1], flush=True)
+        if adapter.graph_decode:
+            check_batch(lines, failures, family, model, processor, adapter, device)
+
+
+def check_batch(lines: list[str], failures: list[str], family: str, model, processor, adapter, device: str) -> None:
+    """A left-padded batch of 3 prompts (casp eval's case): graph == eager static loop, rows vs generate."""
+    images = [make_image(i) for i in range(len(BATCH_PROMPTS))] if adapter.is_multimodal else None
+    inputs = dict(adapter.build_inputs(processor, BATCH_PROMPTS, images).to(device))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=pad)
+        ref = ref[:, inputs["input_ids"].shape[1]:]
+        eager = static_greedy_generate(model, inputs, 16, eos_ids(model), cuda_graph=False, pad_token_id=pad)
+        graph = static_greedy_generate(model, inputs, 16, eos_ids(model), cuda_graph=True, pad_token_id=pad)
+    same = torch.equal(eager, graph)
+    if not same:
+        failures.append(f"{family} batch")
+    rows = [agree(graph[i:i + 1], ref[i:i + 1]) for i in range(len(BATCH_PROMPTS))]
+    lines.append(f"{family}, batch of {len(BATCH_PROMPTS)} left-padded: graph == eager static: {same}; leading "
+                 f"tokens agreeing with generate per row: {rows} of {ref.shape[1]}")
+    print(lines[-1], flush=True)
+
+
+BATCH_PROMPTS = ["what color is the circle ?", "a dog", "how many red squares are there in the picture ?"]
 
 
 def check_demo(lines: list[str], failures: list[str], n_questions: int, device: str) -> None:
@@ -79,15 +105,15 @@ def check_demo(lines: list[str], failures: list[str], n_questions: int, device: 
     from casp.eval.tasks import read_task_file
 
     tmp = Path(tempfile.mkdtemp(prefix="casp-graph-"))
-    rows, _ = read_task_file(Path(world.write_vqa_jsonl(tmp, n_questions, seed=2, split="test")), "vqa", None,
-                             n_questions)
+    vqa = Path(world.write_vqa_jsonl(tmp, n_questions, seed=2, split="test"))
+    rows, _ = read_task_file(vqa, "vqa", None, n_questions)
     for bits in (4, 2):
         out = tmp / f"rtn{bits}"
         compress(DEMO_MODEL_DIR, out, CompressionConfig(quantizer="rtn", bits=bits), device=device)
         dtype = torch.float16 if device == "cuda" else torch.float32  # as casp generate loads it
         model, processor, adapter = load_model(out, dtype=dtype, device=device)
         if device == "cuda":
-            assert graph_decode_applies(model, adapter, 1, None, True)
+            assert graph_decode_applies(model, adapter)
         answers, seconds = {}, {}
         for graph in (True, False):
             got = []
@@ -108,7 +134,33 @@ def check_demo(lines: list[str], failures: list[str], n_questions: int, device: 
                      f"{seconds[True]:.2f} s with the graph vs {seconds[False]:.2f} s eager "
                      f"({seconds[False] / seconds[True]:.2f}x); first answers: {answers[True][:3]}")
         print(lines[-1], flush=True)
+        check_demo_eval(lines, failures, bits, model, processor, adapter, vqa, device)
         del model
+
+
+def check_demo_eval(lines: list[str], failures: list[str], bits: int, model, processor, adapter, vqa: Path,
+                    device: str) -> None:
+    """casp eval's VQA runner, batches of 8: graph decode vs transformers' generate, answers and seconds."""
+    from casp.eval.tasks import run_vqa
+
+    preds, seconds = {}, {}
+    for graph in (True, False):
+        run_vqa(model, processor, adapter, vqa, batch_size=8, max_new_tokens=16, limit=8, progress=False,
+                prompt_suffix="", cuda_graph=graph)  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        res = run_vqa(model, processor, adapter, vqa, batch_size=8, max_new_tokens=16, progress=False,
+                      prompt_suffix="", cuda_graph=graph)
+        sync(device)
+        seconds[graph] = time.perf_counter() - t
+        preds[graph] = ([p["prediction"] for p in res["predictions"]], res["vqa_accuracy"])
+    same = sum(a == b for a, b in zip(preds[True][0], preds[False][0]))
+    if same != len(preds[True][0]):
+        failures.append(f"demo rtn{bits} eval")
+    lines.append(f"demo model, RTN {bits}-bit, run_vqa in batches of 8: graph answers equal generate's on {same} of "
+                 f"{len(preds[True][0])}; VQA accuracy {preds[True][1]:.3f} vs {preds[False][1]:.3f}; "
+                 f"{seconds[True]:.2f} s vs {seconds[False]:.2f} s ({seconds[False] / seconds[True]:.2f}x)")
+    print(lines[-1], flush=True)
 
 
 def main() -> int:

@@ -75,7 +75,7 @@ WIDE = {
     "slab16": [C(bn, bk, w, st, split=sp) for bn in (16, 32, 64, 128) for bk in (256, 512) for sp in (1, 2, 4, 8)
                for w in (4, 8) for st in (2, 4) if bn * bk <= 32768],
     # K-major: warps side by side along the rows (bn >= 128 x warps), one slab or half of one per step; after the
-    # first H200 sweep (kernels_kmajor_h200.txt: smaller blocks and deeper pipelines won) this grid goes further that way
+    # first H200 sweep (kernels_kmajor_h200.txt: smaller blocks and deeper pipelines won) it goes further that way
     "kmajor": [C(bn, bk, w, st, split=sp) for bn in (128, 256, 512) for w in (1, 2, 4) if bn >= 128 * w
                for bk in (64, 128) for sp in (8, 16, 24, 32) for st in (3, 4, 5)],
 }  # fmt: skip

@@ -9,7 +9,11 @@ replayed, when
 * the KV cache is transformers' ``StaticCache`` (preallocated for prompt + new tokens),
 * the attention mask is a preallocated 4D additive mask over every cache position, which transformers
   uses as given, and which the step itself opens at the position it writes,
-* the token, its position and the output index live in device tensors that the step advances in place.
+* the tokens, their positions and the output index live in device tensors that the step advances in place.
+
+A batch is left-padded (as the adapters build it): every row writes the same cache slot per step, its own
+position counts only its real tokens, and its mask keeps its pads closed. This is how ``casp eval`` decodes
+its batches on a GPU.
 
 The same step runs eagerly on the CPU (and where ``cuda_graph=False``), which is how the tests check it
 against ``generate``. Families whose decode step needs host-side decisions (Qwen2-VL's M-RoPE positions)
@@ -35,6 +39,13 @@ def eos_ids(model: nn.Module) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
+def graph_decode_applies(model: nn.Module, adapter, past_key_values=None, cuda_graph: bool = True) -> bool:
+    """Whether generation takes the CUDA-graph path: model on a GPU, fp16 cache, a family that allows it."""
+    param = next(model.parameters(), None)
+    on_gpu = param is not None and param.is_cuda
+    return cuda_graph and on_gpu and past_key_values is None and getattr(adapter, "graph_decode", False)
+
+
 @torch.no_grad()
 def static_greedy_generate(
     model: nn.Module,
@@ -44,57 +55,72 @@ def static_greedy_generate(
     cuda_graph: bool = True,
     check_every: int = 16,
     stats: dict | None = None,
+    pad_token_id: int | None = None,
 ) -> torch.Tensor:
-    """New token ids [1, n <= max_new_tokens] of a greedy continuation of ``inputs`` (one prompt).
+    """New token ids [B, n <= max_new_tokens] of a greedy continuation of each prompt of ``inputs``.
 
-    ``inputs`` are the model's own inputs (input_ids, attention_mask, pixel_values, ...). The prompt is
-    prefilled eagerly; the decode steps replay one CUDA graph when ``cuda_graph`` and the model is on a
-    GPU, else run eagerly. Generation stops after an end-of-sequence token (checked every ``check_every``
-    steps, so a graph runs without host synchronization in between) and the tokens after it are dropped.
+    ``inputs`` are the model's own inputs (input_ids, attention_mask, pixel_values, ...), a batch left-padded
+    as the adapters build it. The prompts are prefilled eagerly; the decode steps replay one CUDA graph when
+    ``cuda_graph`` and the model is on a GPU, else run eagerly. As in ``generate``, a row that has emitted an
+    end-of-sequence token goes on with ``pad_token_id`` (default: the first end token), and generation stops
+    once every row has ended (checked every ``check_every`` steps, so a graph runs without host
+    synchronization in between); the steps after the last row ended are dropped.
     With ``stats`` (a dict), the device is synchronized around each phase and the dict receives
     ``prefill_s``, ``setup_s`` (the eager first step and the capture), ``decode_s`` and ``decode_steps``.
     """
     from transformers import StaticCache
 
+    from casp.models import cache_argument
+
     ids = inputs["input_ids"]
     batch, prompt_len = ids.shape
-    if batch != 1:
-        raise CaspError(f"static decoding takes one prompt at a time, got a batch of {batch}")
+    if batch < 1 or prompt_len < 1:
+        raise CaspError(f"static decoding needs at least one prompt token, got input_ids of shape {tuple(ids.shape)}")
     if max_new_tokens < 1:
         raise CaspError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = ids.device
     dtype = model.dtype
     total = prompt_len + max_new_tokens
     clock = _Clock(device, stats)
-    cache = StaticCache(config=model.config, max_cache_len=total)
+    cache = {cache_argument(model): StaticCache(config=model.config, max_cache_len=total)}
+    prompt_mask = inputs.get("attention_mask")
+    visible = (prompt_mask if prompt_mask is not None else torch.ones_like(ids)).to(device).bool()  # [B, L]
+    # Left padding: a row's positions count its real tokens only (pads get 0), as generate's do.
+    prompt_positions = (visible.long().cumsum(-1) - 1).masked_fill(~visible, 0)
 
-    logits = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1,
+    logits = model(**inputs, **cache, use_cache=True, logits_to_keep=1, position_ids=prompt_positions,
                    cache_position=torch.arange(prompt_len, device=device)).logits
-    out = torch.zeros(1, max_new_tokens, dtype=torch.long, device=device)
+    out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
     out[:, 0] = logits[:, -1].argmax(-1)
     clock.lap("prefill_s")
 
-    # Static state of the step: the token to feed, its cache position, the output slot, the mask.
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+    pad = int(eos[0]) if pad_token_id is None and eos.numel() else int(pad_token_id or 0)
+    running = ~torch.isin(out[:, 0], eos)  # [B]: rows that have not emitted an end token yet
+
+    # Static state of the step: the tokens to feed, the cache slot they fill (shared by the batch), each
+    # row's position, the output column, the mask over every cache slot.
     token = out[:, :1].clone()
-    position = torch.full((1,), prompt_len, dtype=torch.long, device=device)
-    position_ids = position.view(1, 1)  # a view: advancing the position advances it
+    cache_position = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+    position_ids = prompt_positions[:, -1:] + 1  # [B, 1]
     slot = torch.ones(1, dtype=torch.long, device=device)
-    mask = torch.full((1, 1, 1, total), torch.finfo(dtype).min, dtype=dtype, device=device)
-    prompt_mask = inputs.get("attention_mask")
-    visible = prompt_mask[0].bool() if prompt_mask is not None else torch.ones(prompt_len, dtype=torch.bool)
-    mask[0, 0, 0, :prompt_len].masked_fill_(visible.to(device), 0.0)
+    mask = torch.full((batch, 1, 1, total), torch.finfo(dtype).min, dtype=dtype, device=device)
+    mask[:, 0, 0, :prompt_len].masked_fill_(visible, 0.0)
 
     def step() -> None:
-        mask.index_fill_(-1, position, 0.0)  # the new token sees itself
-        logits = model(input_ids=token, attention_mask=mask, position_ids=position_ids, cache_position=position,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        out.index_copy_(1, slot, nxt)
-        token.copy_(nxt)
-        position.add_(1)
+        mask.index_fill_(-1, cache_position, 0.0)  # the new tokens see themselves
+        logits = model(input_ids=token, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
+                       **cache, use_cache=True, logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1)
+        if eos.numel():  # fixed at capture: the graph holds either both ops or neither
+            nxt = torch.where(running, nxt, pad)
+            running.logical_and_(~torch.isin(nxt, eos))
+        out.index_copy_(1, slot, nxt[:, None])
+        token.copy_(nxt[:, None])
+        cache_position.add_(1)
+        position_ids.add_(1)
         slot.add_(1)
 
-    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
     steps = max_new_tokens - 1
     done = 0
     run = step
@@ -114,7 +140,7 @@ def static_greedy_generate(
     clock.lap("setup_s")
     n = done + 1  # tokens in ``out`` so far
     while n < max_new_tokens:
-        if eos.numel() and bool(torch.isin(out[0, :n], eos).any()):
+        if eos.numel() and not bool(running.any()):
             break
         for _ in range(min(check_every, max_new_tokens - n)):
             run()
@@ -122,12 +148,17 @@ def static_greedy_generate(
     clock.lap("decode_s")
     if stats is not None:
         stats["decode_steps"] = n - 1 - done
-    new = out[:, :n]
-    if eos.numel():
-        hits = torch.isin(new[0], eos).nonzero()
-        if hits.numel():
-            new = new[:, : int(hits[0]) + 1]
-    return new
+    return out[:, : _generated_length(out[:, :n], eos)]
+
+
+def _generated_length(new: torch.Tensor, eos: torch.Tensor) -> int:
+    """Columns of ``new`` [B, n] up to the step at which the last row ended (n if one never did)."""
+    if not eos.numel():
+        return new.shape[1]
+    ended = torch.isin(new, eos)
+    if not bool(ended.any(-1).all()):
+        return new.shape[1]
+    return int(ended.long().argmax(-1).max()) + 1
 
 
 class _Clock:

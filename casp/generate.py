@@ -28,30 +28,25 @@ def generate(model, processor, adapter, prompts: list[str], images: list | None 
              past_key_values=None, cuda_graph: bool = True) -> list[str]:
     """Greedy continuation of each prompt (with its image, for VLMs); returns only the new text.
 
-    On a GPU, one prompt with the fp16 cache decodes through casp.decode (a static cache and one CUDA graph
+    On a GPU with the fp16 cache the prompts decode through casp.decode (a static cache and one CUDA graph
     replayed per token) where the adapter allows it and ``cuda_graph`` is set; otherwise transformers'
     ``generate`` runs the steps eagerly.
     """
-    from casp.decode import eos_ids, static_greedy_generate
+    from casp.decode import eos_ids, graph_decode_applies, static_greedy_generate
 
     if images is not None and not adapter.is_multimodal:
         raise CaspError(f"this is a text-only {adapter.family} model; drop --image")
     inputs = adapter.build_inputs(processor, prompts, images).to(next(model.parameters()).device)
     tokenizer = getattr(processor, "tokenizer", processor)
-    if graph_decode_applies(model, adapter, len(prompts), past_key_values, cuda_graph):
-        new = static_greedy_generate(model, dict(inputs), max_new_tokens, eos_ids(model))
+    if graph_decode_applies(model, adapter, past_key_values, cuda_graph):
+        new = static_greedy_generate(model, dict(inputs), max_new_tokens, eos_ids(model),
+                                     pad_token_id=tokenizer.pad_token_id)
     else:
         kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-
-def graph_decode_applies(model, adapter, batch: int, past_key_values, cuda_graph: bool) -> bool:
-    """Whether generate() takes the CUDA-graph path: GPU, one prompt, fp16 cache, a family that allows it."""
-    on_gpu = next(model.parameters()).is_cuda
-    return cuda_graph and on_gpu and batch == 1 and past_key_values is None and adapter.graph_decode
 
 
 def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_tokens: int = 32,

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from casp.cli import main
-from casp.decode import eos_ids, static_greedy_generate
+from casp.decode import eos_ids, graph_decode_applies, static_greedy_generate
 from casp.errors import CaspError
-from casp.generate import graph_decode_applies
 from casp.models import get_adapter
 from tests.fixtures import build, make_image
 
@@ -53,19 +52,60 @@ def test_static_decode_stops_after_eos_like_generate():
     assert got[0].tolist() == free[: stop + 1] == ref[0].tolist()
 
 
-def test_static_decode_rejects_batches_and_empty_requests():
+PROMPTS = ["what color is the circle ?", "a dog", "how many red squares are there in the picture ?"]
+
+
+def _batch(family: str):
+    model, processor = build(family, num_layers=2, hidden=64)
+    adapter = get_adapter(model)
+    images = [make_image(i) for i in range(len(PROMPTS))] if adapter.is_multimodal else None
+    inputs = dict(adapter.build_inputs(processor, PROMPTS, images))
+    return model, processor, inputs
+
+
+@pytest.mark.parametrize("family", ["llama", "llava", "llava_next", "idefics3"])
+def test_static_decode_of_a_left_padded_batch_matches_generate(family):
+    model, processor, inputs = _batch(family)
+    mask = inputs["attention_mask"]
+    assert not bool(mask[:, 0].all()) and bool(mask[:, -1].all())  # left-padded: the test means something
+    ref = _reference(model, processor, inputs, 10)
+    got = static_greedy_generate(model, inputs, 10, eos_ids(model), check_every=3)
+    assert torch.equal(got, ref)
+
+
+def test_static_decode_of_a_batch_pads_ended_rows_and_stops_when_all_end():
+    model, processor, inputs = _batch("llama")
+    pad = processor.pad_token_id
+    free = _reference(model, processor, inputs, 12)
+    # end on a token that row 0 first emits at step >= 2 and row 1 never emits
+    row0, row1 = free[0].tolist(), free[1].tolist()
+    stop = next(i for i, t in enumerate(row0) if i >= 2 and t not in row0[:i] and t not in row1 and t != pad)
+    model.generation_config.eos_token_id = row0[stop]
+    ref = _reference(model, processor, inputs, 12)
+    got = static_greedy_generate(model, inputs, 12, eos_ids(model), check_every=4, pad_token_id=pad)
+    assert torch.equal(got, ref)
+    assert got[0, : stop + 1].tolist() == row0[: stop + 1] and set(got[0, stop + 1:].tolist()) <= {pad}
+    assert got[1].tolist() == row1[: got.shape[1]]
+    # every row ends at its first token: nothing after it is kept, as generate keeps nothing
+    model.generation_config.eos_token_id = free[:, 0].tolist()
+    got = static_greedy_generate(model, inputs, 12, eos_ids(model), pad_token_id=pad)
+    assert got.shape[1] == 1
+    assert torch.equal(got, _reference(model, processor, inputs, 12))
+
+
+def test_static_decode_rejects_empty_requests():
     model, processor, adapter, _ = _setup("llama")
-    two = dict(adapter.build_inputs(processor, ["the cat", "a dog is there"]))
-    with pytest.raises(CaspError, match="one prompt"):
-        static_greedy_generate(model, two, 4)
     one = dict(adapter.build_inputs(processor, ["the cat"]))
     with pytest.raises(CaspError, match="at least 1"):
         static_greedy_generate(model, one, 0)
+    empty = {"input_ids": torch.zeros(1, 0, dtype=torch.long)}
+    with pytest.raises(CaspError, match="at least one prompt token"):
+        static_greedy_generate(model, empty, 4)
 
 
-def test_graph_path_only_on_gpu_for_one_prompt_and_allowed_families():
+def test_graph_path_only_on_gpu_and_for_allowed_families():
     model, _, adapter, _ = _setup("llama")
-    assert not graph_decode_applies(model, adapter, 1, None, True)  # CPU: generate's eager loop
+    assert not graph_decode_applies(model, adapter)  # CPU: generate's eager loop
     qwen, _ = build("qwen2_vl", num_layers=1, hidden=64)
     assert not get_adapter(qwen).graph_decode  # M-RoPE positions are chosen on the host
 

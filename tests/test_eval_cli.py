@@ -44,6 +44,7 @@ def test_eval_then_report(tmp_path, capsys):
             "--ppl-max-length",
             "16",
             "--no-progress",
+            "--no-cuda-graph",
             "--device",
             "cpu",
         ]

@@ -112,6 +112,23 @@ def test_run_vqa_real_tiny_llava_batched_equals_unbatched(tmp_path, llava):
     assert batched["n"] == 4 and 0.0 <= batched["vqa_accuracy"] <= 1.0
 
 
+def test_run_vqa_static_decode_path_gives_generate_answers(tmp_path, llava, monkeypatch):
+    # On a GPU eval batches decode through casp.decode; here that path is forced (it runs eagerly on the CPU)
+    # and must answer exactly as transformers' generate does, batch of 4 with left padding.
+    import casp.decode
+
+    model, processor, adapter = llava
+    questions = ["what color is the circle ?", "how many ?", "is it red or blue ?", "describe the picture ."]
+    lines = [{"image": f"images/{i % 2}.png", "question": q, "answers": ["red"]} for i, q in enumerate(questions)]
+    path = _write(tmp_path, "vqa.jsonl", lines)
+    ref = run_vqa(model, processor, adapter, path, batch_size=4, max_new_tokens=6, progress=False)
+    taken = []
+    monkeypatch.setattr(casp.decode, "graph_decode_applies", lambda *a, **k: taken.append(k) or True)
+    static = run_vqa(model, processor, adapter, path, batch_size=4, max_new_tokens=6, progress=False)
+    assert taken == [{"cuda_graph": True}]  # one batch, through the static loop
+    assert [p["prediction"] for p in static["predictions"]] == [p["prediction"] for p in ref["predictions"]]
+
+
 def test_run_mc(tmp_path, llava):
     _, processor, adapter = llava
     lines = [

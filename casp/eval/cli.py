@@ -58,6 +58,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=["float16", "bfloat16", "float32"],
         help="weights dtype (default: float16 on GPU, float32 on CPU)",
     )
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on a GPU, generate answers with transformers' generate instead of replaying one captured "
+                   "CUDA graph per decode step")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
     return p
@@ -82,6 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         prompt_suffix=args.prompt_suffix,
         caption_prompt=args.caption_prompt,
+        cuda_graph=not args.no_cuda_graph,
     )
     for name, value in headline_metrics(res["tasks"]).items():
         print(f"{name}: {value:.4f}")

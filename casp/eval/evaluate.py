@@ -43,9 +43,11 @@ def run_task(
     progress: bool = True,
     prompt_suffix: str | None = None,
     caption_prompt: str | None = None,
+    cuda_graph: bool = True,
 ) -> dict[str, Any]:
     """Run one task spec on a loaded model. ``prompt_suffix`` (vqa, mc) and ``caption_prompt`` (caption)
-    replace the default LLaVA-style instructions when given."""
+    replace the default LLaVA-style instructions when given; ``cuda_graph=False`` keeps GPU generation on
+    transformers' ``generate``."""
     kind, path = parse_task_spec(spec)
     if kind == "ppl":
         return run_ppl(model, processor, path, max_length=ppl_max_length, stride=ppl_stride, progress=progress)
@@ -64,6 +66,7 @@ def run_task(
         batch_size=batch_size,
         limit=limit,
         progress=progress,
+        cuda_graph=cuda_graph,
         **kwargs,
     )
 

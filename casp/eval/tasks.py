@@ -179,8 +179,14 @@ def generate_answers(
     prompts: Sequence[str],
     images: Sequence[Image.Image] | None,
     max_new_tokens: int = 16,
+    cuda_graph: bool = True,
 ) -> list[str]:
-    """Greedy answers for one left-padded batch; decodes only the newly generated tokens."""
+    """Greedy answers for one left-padded batch; decodes only the newly generated tokens.
+
+    On a GPU the batch decodes from one captured CUDA graph (casp.decode) where the adapter allows it and
+    ``cuda_graph`` is set, else with transformers' ``generate``."""
+    from casp.decode import eos_ids, graph_decode_applies, static_greedy_generate
+
     tokenizer = get_tokenizer(processor)
     inputs = adapter.build_inputs(processor, list(prompts), None if images is None else list(images))
     device, dtype = _model_device(model), _model_dtype(model)
@@ -192,8 +198,11 @@ def generate_answers(
         for k, v in inputs.items()
     }
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id)
-    new_tokens = out[:, inputs["input_ids"].shape[1] :]  # [B, new]
+    if graph_decode_applies(model, adapter, cuda_graph=cuda_graph):
+        new_tokens = static_greedy_generate(model, inputs, max_new_tokens, eos_ids(model), pad_token_id=pad_id)
+    else:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id)
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]  # [B, new]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -223,6 +232,7 @@ def _predict(
     batch_size: int,
     max_new_tokens: int,
     progress: bool,
+    cuda_graph: bool = True,
 ) -> list[str]:
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
@@ -235,7 +245,8 @@ def _predict(
     bar = tqdm(total=len(rows), desc=task, unit="row", disable=not progress)
     for batch in _batches(rows, batch_size):
         images = None if batch[0].image is None else [_load_image(row.image) for row in batch]
-        predictions += generate_answers(model, processor, adapter, [r.prompt for r in batch], images, max_new_tokens)
+        predictions += generate_answers(model, processor, adapter, [r.prompt for r in batch], images, max_new_tokens,
+                                        cuda_graph)
         bar.update(len(batch))
     bar.close()
     return predictions
@@ -284,6 +295,7 @@ def run_vqa(
     max_new_tokens: int = 16,
     limit: int | None = None,
     progress: bool = True,
+    cuda_graph: bool = True,
     prompt_suffix: str = VQA_SUFFIX,
 ) -> dict[str, Any]:
     """VQA: exact match and VQA accuracy (overall and per question type) with every prediction.
@@ -294,7 +306,7 @@ def run_vqa(
     t0 = time.perf_counter()
     rows, skipped = read_task_file(jsonl_path, "vqa", image_root, limit)
     rows = [dataclasses.replace(r, prompt=r.prompt + prompt_suffix) for r in rows]
-    preds = _predict(model, processor, adapter, rows, "vqa", batch_size, max_new_tokens, progress)
+    preds = _predict(model, processor, adapter, rows, "vqa", batch_size, max_new_tokens, progress, cuda_graph)
     em = [exact_match(p, r.data["answers"]) for p, r in zip(preds, rows)]
     acc = [vqa_accuracy(p, r.data["answers"]) for p, r in zip(preds, rows)]
     return {
@@ -327,13 +339,14 @@ def run_mc(
     max_new_tokens: int = 8,
     limit: int | None = None,
     progress: bool = True,
+    cuda_graph: bool = True,
     prompt_suffix: str = MC_SUFFIX,
 ) -> dict[str, Any]:
     """Multiple choice: accuracy (a prediction may name the letter or the option text)."""
     t0 = time.perf_counter()
     rows, skipped = read_task_file(jsonl_path, "mc", image_root, limit)
     rows = [dataclasses.replace(r, prompt=r.prompt + prompt_suffix) for r in rows]
-    preds = _predict(model, processor, adapter, rows, "mc", batch_size, max_new_tokens, progress)
+    preds = _predict(model, processor, adapter, rows, "mc", batch_size, max_new_tokens, progress, cuda_graph)
     correct = [mc_correct(p, r.data["options"], r.data["answer"]) for p, r in zip(preds, rows)]
     picked = [parse_choice(p, r.data["options"]) for p, r in zip(preds, rows)]
     return {
@@ -366,6 +379,7 @@ def run_caption(
     max_new_tokens: int = 32,
     limit: int | None = None,
     progress: bool = True,
+    cuda_graph: bool = True,
     caption_prompt: str = CAPTION_PROMPT,
 ) -> dict[str, Any]:
     """Captioning: corpus CIDEr-D over the file (and per-image scores). A row's own "prompt" wins over
@@ -373,7 +387,7 @@ def run_caption(
     t0 = time.perf_counter()
     rows, skipped = read_task_file(jsonl_path, "caption", image_root, limit)
     rows = [r if r.prompt else dataclasses.replace(r, prompt=caption_prompt) for r in rows]
-    preds = _predict(model, processor, adapter, rows, "caption", batch_size, max_new_tokens, progress)
+    preds = _predict(model, processor, adapter, rows, "caption", batch_size, max_new_tokens, progress, cuda_graph)
     refs = [[tokenize_caption(c) for c in r.data["references"]] for r in rows]
     cider, per_image = cider_d([tokenize_caption(p) for p in preds], refs)
     return {

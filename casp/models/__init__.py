@@ -9,7 +9,7 @@ import torch
 
 from casp.errors import ModelLoadError
 from casp.models import idefics3, llama, llava, llava_next, qwen2_vl, realvlm
-from casp.models.base import LLAMA_LINEAR_GROUPS, ModelAdapter
+from casp.models.base import LLAMA_LINEAR_GROUPS, ModelAdapter, cache_argument
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
     llama.ADAPTER,
@@ -82,6 +82,7 @@ __all__ = [
     "LLAMA_LINEAR_GROUPS",
     "ModelAdapter",
     "adapter_for_model_type",
+    "cache_argument",
     "get_adapter",
     "load_model",
     "read_config",

@@ -9,6 +9,7 @@ Nothing outside ``casp/models`` knows a module name.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -153,3 +154,9 @@ class ModelAdapter:
 
     def _process_images(self, processor, texts: list[str], images: list):
         return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes the KV cache: ``cache`` from transformers 5.25 on
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
