@@ -45,6 +45,11 @@ def test_eval_then_report(tmp_path, capsys):
             "16",
             "--no-progress",
             "--no-cuda-graph",
+            "--speed",
+            "--speed-tokens",
+            "3",
+            "--batch-size",
+            "2",
             "--device",
             "cpu",
         ]
@@ -52,9 +57,28 @@ def test_eval_then_report(tmp_path, capsys):
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "vqa:vqa.jsonl acc:" in printed and "ppl:wiki.txt ppl:" in printed and "vqa.jsonl:2: image" in printed
+    assert "speed (generate, batch 2, 3 new tokens, prompt from vqa:vqa.jsonl line 1 with its image)" in printed
+    speed = json.loads(out.read_text())["speed"]
+    assert speed["decode_tokens_per_s"] > 0 and speed["batch_size"] == 2 and speed["kernel_copy_bytes"] == 0
     report = tmp_path / "report.html"
     args = _parser().parse_args(["report", str(out), "--out", str(report)])
-    assert args.func(args) == 0 and "ppl:wiki.txt ppl" in report.read_text()
+    assert args.func(args) == 0
+    text = report.read_text()
+    assert "ppl:wiki.txt ppl" in text and "decode tok/s (batch 2)" in text
+
+
+def test_eval_speed_from_a_text_file_and_its_errors(tmp_path):
+    from casp.eval.evaluate import evaluate
+
+    model_dir = make_tiny("llama", tmp_path / "model")
+    (tmp_path / "wiki.txt").write_text("the red circle is left of the blue square . " * 10)
+    res = evaluate(model_dir, [f"ppl:{tmp_path / 'wiki.txt'}"], device="cpu", speed=True, speed_tokens=3,
+                   batch_size=3, ppl_max_length=16, progress=False)
+    assert res["speed"]["prompt"] == "ppl:wiki.txt first 1000 chars" and res["speed"]["batch_size"] == 3
+    tokens = res["speed"]["prompt_tokens"]
+    assert tokens % 3 == 0 and tokens // 3 > 50  # three copies of the text, all of it (440 characters)
+    with pytest.raises(EvalError, match="--speed-tokens must be at least 2"):
+        evaluate(model_dir, [f"ppl:{tmp_path / 'wiki.txt'}"], speed=True, speed_tokens=1)
 
 
 def test_eval_bad_task_is_one_line_error(tmp_path):

@@ -114,6 +114,22 @@ def test_evaluate_end_to_end(tmp_path):
         evaluate(model_dir, [])
 
 
+def test_measure_speed_times_the_static_decode_path_when_it_applies(monkeypatch):
+    # On a GPU casp eval decodes from a CUDA graph; forced here (the same loop, eager on the CPU), the static
+    # loop's own clock is reported, with every one of the new tokens decoded.
+    import casp.decode
+
+    model, processor = build("llama")
+    adapter = get_adapter(model)
+    inputs = adapter.build_inputs(processor, ["the cat sat", "a dog"])
+    monkeypatch.setattr(casp.decode, "graph_decode_applies", lambda *a, **k: k.get("cuda_graph", True))
+    out = measure_speed(model, inputs, new_tokens=5, repeats=1, warmup=0, adapter=adapter)
+    assert out["decode_path"] == "cuda_graph" and out["setup_s"] >= 0
+    assert out["decode_tokens_per_s"] > 0 and out["total_tokens_per_s"] < out["decode_tokens_per_s"]
+    off = measure_speed(model, inputs, new_tokens=5, repeats=1, warmup=0, adapter=adapter, cuda_graph=False)
+    assert off["decode_path"] == "generate"
+
+
 def test_measure_speed_cpu():
     model, processor = build("llava")
     adapter = get_adapter(model)
@@ -127,6 +143,7 @@ def test_measure_speed_cpu():
         == sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     )
     assert "rss_delta_bytes" in out
+    assert out["decode_path"] == "generate" and out["kernel_copy_bytes"] == 0
     with pytest.raises(EvalError, match="new_tokens"):
         measure_speed(model, inputs, new_tokens=1)
     assert model_bytes(torch.nn.Linear(4, 2, bias=False).half()) == 16

@@ -197,6 +197,19 @@ def test_cached_kmajor_reused_and_invalidated():
     assert getattr(qw.qweight, "_casp_slab", None) is None  # its own cache: the slab one is untouched
 
 
+def test_kernel_copy_bytes_counts_the_repacked_copies():
+    from casp.quant.linear import QuantLinear
+
+    qw = _layer(N=8, K=256, bits=4, group=64)
+    model = torch.nn.Sequential(QuantLinear.from_weight(qw))
+    assert sl.kernel_copy_bytes(model) == 0
+    layer = model[0]
+    slabs = sl.cached_slabs(layer.qweight, 4, 256, 8)
+    words, sz, _ = sl.cached_kmajor(layer.qweight, layer.scales, layer.zeros, 4, 256, 8)
+    # 8 rows x 256 4-bit codes = 256 words per layout, plus 4 groups x 8 rows of (scale, zero) pairs
+    assert sl.kernel_copy_bytes(model) == 4 * (slabs.numel() + words.numel() + sz.numel()) == 4 * (256 + 256 + 32)
+
+
 def test_choose_path_kmajor_only_for_fp16_and_2_or_4_bits():
     assert cfgs.choose_path(1, 2, 128, 32, m1="kmajor") == "kmajor"
     assert cfgs.choose_path(1, 4, 128, 32, m1="kmajor") == "kmajor"

@@ -61,6 +61,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on a GPU, generate answers with transformers' generate instead of replaying one captured "
                    "CUDA graph per decode step")
+    p.add_argument("--speed", action="store_true",
+                   help="also measure prefill/decode tokens/s and memory on --batch-size copies of the first prompt "
+                   "(stored under 'speed' in the results)")
+    p.add_argument("--speed-tokens", type=int, default=32, help="new tokens per prompt for --speed (default 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
     return p
@@ -68,6 +72,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from casp.eval.evaluate import evaluate
+    from casp.eval.speed import speed_line
     from casp.report.report import headline_metrics
 
     res = evaluate(
@@ -86,12 +91,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompt_suffix=args.prompt_suffix,
         caption_prompt=args.caption_prompt,
         cuda_graph=not args.no_cuda_graph,
+        speed=args.speed,
+        speed_tokens=args.speed_tokens,
     )
     for name, value in headline_metrics(res["tasks"]).items():
         print(f"{name}: {value:.4f}")
     for spec, task in res["tasks"].items():
         if task.get("n_skipped"):
             print(f"{spec}: skipped {task['n_skipped']} row(s), first: {task['skipped'][0]}")
+    if "speed" in res:
+        print(speed_line(res["speed"]))
     print(f"wrote {args.out} ({res['timing']['total_s']:.1f} s)")
     return 0
 

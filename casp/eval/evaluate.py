@@ -16,6 +16,7 @@ from torch import nn
 from casp.eval.errors import EvalError
 from casp.eval.ppl import run_ppl
 from casp.eval.results import make_results, save_results
+from casp.eval.speed import measure_speed, speed_inputs
 from casp.eval.tasks import run_caption, run_mc, run_vqa
 
 TASK_KINDS = ("vqa", "mc", "caption", "ppl")
@@ -77,14 +78,22 @@ def evaluate(
     out: str | Path | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    speed: bool = False,
+    speed_tokens: int = 32,
     **task_options: Any,
 ) -> dict[str, Any]:
-    """Load a model (original or casp-compressed dir), run every task, write and return the results."""
+    """Load a model (original or casp-compressed dir), run every task, write and return the results.
+
+    With ``speed``, the results also get "speed" (casp.eval.speed.measure_speed): prefill and decode
+    tokens/s and memory, on a batch of ``batch_size`` copies of the first prompt, ``speed_tokens`` new
+    tokens each, decoded the way the tasks were (a CUDA graph on a GPU unless ``cuda_graph=False``)."""
     from casp.models import load_model
 
     if not tasks:
         raise EvalError("no task given: add --task KIND:FILE (KIND one of vqa, mc, caption, ppl)")
     specs = [parse_task_spec(s) for s in tasks]  # fail on a typo before loading a large model
+    if speed and speed_tokens < 2:
+        raise EvalError(f"--speed-tokens must be at least 2 (decode is timed apart from prefill), got {speed_tokens}")
     for spec, (_, path) in zip(tasks, specs):
         if not path.is_file():
             raise EvalError(f"task {spec!r}: file {str(path)!r} not found")
@@ -103,8 +112,20 @@ def evaluate(
         for spec in tasks:
             results[spec] = run_task(spec, model, processor, adapter, **task_options)
             timing[f"{spec}_s"] = results[spec]["seconds"]
+        speed_result = None
+        if speed:
+            t1 = time.perf_counter()
+            inputs, source = speed_inputs(model, processor, adapter, specs, task_options.get("batch_size", 8),
+                                          task_options.get("image_root"))
+            tokenizer = getattr(processor, "tokenizer", processor)
+            speed_result = measure_speed(model, inputs, speed_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         adapter=adapter, cuda_graph=task_options.get("cuda_graph", True))
+            speed_result["prompt"] = source
+            timing["speed_s"] = time.perf_counter() - t1
     timing["total_s"] = time.perf_counter() - t0
     res = make_results(model_path, results, timing, device=device, dtype=str(dtype).removeprefix("torch."))
+    if speed_result is not None:
+        res["speed"] = speed_result
     if out is not None:
         save_results(res, out)
     return res

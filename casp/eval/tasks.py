@@ -171,6 +171,19 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def model_inputs(model: nn.Module, processor: Any, adapter: Any, prompts: Sequence[str],
+                 images: Sequence[Image.Image] | None) -> dict[str, Any]:
+    """The adapter's left-padded inputs for a batch, on the model's device; pixel values in its dtype."""
+    inputs = adapter.build_inputs(processor, list(prompts), None if images is None else list(images))
+    device, dtype = _model_device(model), _model_dtype(model)
+    return {
+        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in inputs.items()
+    }
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module,
@@ -188,15 +201,7 @@ def generate_answers(
     from casp.decode import eos_ids, graph_decode_applies, static_greedy_generate
 
     tokenizer = get_tokenizer(processor)
-    inputs = adapter.build_inputs(processor, list(prompts), None if images is None else list(images))
-    device, dtype = _model_device(model), _model_dtype(model)
-    # Move every tensor; floating ones (pixel values) take the model's dtype.
-    inputs = {
-        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
-        if isinstance(v, torch.Tensor)
-        else v
-        for k, v in inputs.items()
-    }
+    inputs = model_inputs(model, processor, adapter, prompts, images)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if graph_decode_applies(model, adapter, cuda_graph=cuda_graph):
         new_tokens = static_greedy_generate(model, inputs, max_new_tokens, eos_ids(model), pad_token_id=pad_id)

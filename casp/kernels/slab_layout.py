@@ -151,3 +151,16 @@ def cached_kmajor(
     packed = (repack_kmajor(qweight, bits, K, wpg), pack_scale_zero(scales, zeros, pre), pre)
     setattr(qweight, _KMAJOR_ATTR, (key, packed))
     return packed
+
+
+def kernel_copy_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the repacked copies (slab, K-major) that kernels have attached to ``model``'s buffers."""
+    total = 0
+    for buf in model.buffers():
+        for attr in (_CACHE_ATTR, _KMAJOR_ATTR):
+            hit = getattr(buf, attr, None)
+            if hit is not None:
+                value = hit[1]
+                tensors = value if isinstance(value, tuple) else (value,)
+                total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total

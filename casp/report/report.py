@@ -108,11 +108,23 @@ def headline_metrics(tasks: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def speed_metrics(speed: Any) -> dict[str, float]:
+    """Table cells of a run's "speed" block (casp eval --speed): decode tok/s at its batch, memory."""
+    if not isinstance(speed, dict) or not isinstance(speed.get("decode_tokens_per_s"), (int, float)):
+        return {}
+    out = {f"decode tok/s (batch {speed.get('batch_size', '?')})": float(speed["decode_tokens_per_s"])}
+    if isinstance(speed.get("peak_memory_bytes"), (int, float)):
+        out["peak GPU GiB"] = speed["peak_memory_bytes"] / 2**30
+    return out
+
+
 def _run_rows(inputs: ReportInputs) -> tuple[list[str], list[dict[str, Any]]]:
     rows, columns = [], []
     for source, res in inputs.runs:
         metrics = headline_metrics(res["tasks"])
         columns += [c for c in metrics if c not in columns]
+        speed = speed_metrics(res.get("speed"))
+        metrics.update(speed)  # table cells only: the quality plot takes the task columns
         method = res["method"]
         bits = method.get("avg_bits")
         rows.append(
@@ -222,7 +234,8 @@ def build_report(results_paths: list[str | Path], out_path: str | Path, title: s
         raise EvalError(f"report: {out_path} must end in .html or .md")
     inputs = collect_inputs(list(results_paths))
     columns, rows = _run_rows(inputs)
-    header, body = _table(columns, rows)
+    speed_columns = list(dict.fromkeys(c for r in rows for c in r["metrics"] if c not in columns))
+    header, body = _table(columns + speed_columns, rows)
     figs = _figures(inputs, columns, rows)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     text = _html(title, header, body, figs) if fmt == "html" else _markdown(title, header, body, figs, out_path)
