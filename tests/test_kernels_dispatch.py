@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from casp import kernels
 from casp.kernels import uniform_config as cfgs
 from casp.quant.linear import QuantLinear
 from casp.quant.uniform import UniformWeight
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 
 def _layer(N=24, K=72, bits=3, group=32, act_order=True, seed=0) -> UniformWeight:
@@ -145,3 +147,31 @@ def test_kernel_config_validation():
     with pytest.raises(ValueError, match="split"):
         cfgs.KernelConfig(32, 128, split=0)
     assert cfgs.KernelConfig(32, 128).replace(split=4).split == 4
+
+
+_INTERPRET_GEMV = textwrap.dedent(
+    """
+    import torch
+    from casp.kernels import triton_uniform as tu
+    from tests.test_kernels_slab import _layer
+    worst = 0.0
+    # masked rows and a K range split in two and three, 3 bits (codes straddle words), 2 activation rows
+    for (N, K, group, M, cfg) in [(40, 576, 128, 1, tu.KernelConfig(16, 256, 2, 2, split=2)),
+                                  (33, 200, 40, 2, tu.KernelConfig(16, 128, 1, 2, split=1)),
+                                  (64, 1024, 128, 1, tu.KernelConfig(32, 512, 2, 2, split=3))]:
+        for bits in (2, 3, 4):
+            qw = _layer(N, K, bits, group)
+            x = torch.randn(M, K).half()
+            b = torch.randn(N).half()
+            y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group, b, "gemv", cfg)
+            ref = x.double() @ qw.dequantize(torch.float64).T + b.double()
+            worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+    assert worst < 3e-3, worst
+    print("ok", worst)
+    """
+)
+
+
+@needs_triton
+def test_stored_layout_gemv_kernel_under_triton_interpreter():
+    run_interpreted(_INTERPRET_GEMV)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from casp.kernels.triton_uniform import _split_plan, _split_reduce
+from casp.kernels.triton_uniform import _split_plan, _store_row
 
 
 @triton.jit
@@ -59,11 +59,7 @@ def _aqlm_gemv_kernel(
                 w = w + cw
         acc += w.to(tl.float32) * xv[:, None, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=0) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    omask = nmask
-    if SPLIT > 1:
-        y, last = _split_reduce(y, ws_ptr, cnt_ptr, m * N + rn, nmask, pid_n * M + m, pid_s, M * N, SPLIT)
-        omask = nmask & last
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=omask)
+    _store_row(y, y_ptr, y_ptr, ws_ptr, cnt_ptr, m, rn, nmask, pid_n, pid_s, M, N, stride_ym, False, SPLIT)
 
 
 def aqlm_gemv(

@@ -35,7 +35,7 @@ import triton.language as tl
 from casp.kernels import uniform_config as cfgs
 from casp.kernels.slab_layout import cached_kmajor, n_slabs, slab_words
 from casp.kernels.triton_slab import _hadd2, _half_mac, _half_sum, _split_pair
-from casp.kernels.triton_uniform import _interpreting, _split_plan, _split_reduce
+from casp.kernels.triton_uniform import _interpreting, _split_plan, _store_row
 from casp.kernels.uniform_config import KernelConfig
 
 KMAJOR_BITS = (2, 4)
@@ -173,13 +173,7 @@ def _kmajor_gemv_kernel(
             acc = _kmajor_step(acc, wa, wb, kw0, x_row, sz_ptr, rn, nmask, rc, N, KH, GROUP,
                                BITS, WPG, PRE, TWO, ASM, EVEN)  # fmt: skip
     y = acc
-    omask = nmask
-    if SPLIT > 1:
-        y, last = _split_reduce(y, ws_ptr, cnt_ptr, m * N + rn, nmask, pid_n * M + m, pid_s, M * N, SPLIT)
-        omask = nmask & last
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=omask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=omask)
+    _store_row(y, y_ptr, b_ptr, ws_ptr, cnt_ptr, m, rn, nmask, pid_n, pid_s, M, N, stride_ym, HAS_BIAS, SPLIT)
 
 
 def kmajor_supported(bits: int, group_size: int, K: int) -> bool:

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from casp.hadamard import kron_factor, kron_transform
 from casp.kernels.triton_fwht import fwht_rows
-from casp.kernels.triton_uniform import _split_plan, _split_reduce
+from casp.kernels.triton_uniform import _split_plan, _store_row
 from casp.quant.e8p import CODE_DIM, e8p_source, source_parity
 
 
@@ -76,11 +76,7 @@ def _quip_gemv_kernel(
             w += _e8p_decode(c2, src_ptr, par_ptr, rk) * inv_resid
         acc += tl.where(cmask[:, :, None], w, 0.0) * xv[:, None, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=0) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    omask = nmask
-    if SPLIT > 1:
-        y, last = _split_reduce(y, ws_ptr, cnt_ptr, m * N + rn, nmask, pid_n * M + m, pid_s, M * N, SPLIT)
-        omask = nmask & last
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y, mask=omask)
+    _store_row(y, y_ptr, y_ptr, ws_ptr, cnt_ptr, m, rn, nmask, pid_n, pid_s, M, N, stride_ym, False, SPLIT)
 
 
 def e8p_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

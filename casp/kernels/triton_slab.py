@@ -36,7 +36,7 @@ import triton.language as tl
 
 from casp.kernels import uniform_config as cfgs
 from casp.kernels.slab_layout import cached_slabs, n_slabs, slab_words
-from casp.kernels.triton_uniform import _code, _interpreting, _split_plan, _split_reduce
+from casp.kernels.triton_uniform import _code, _interpreting, _split_plan, _store_row
 from casp.kernels.uniform_config import KernelConfig
 
 
@@ -234,13 +234,7 @@ def _slab_gemv_kernel(
             acc = _slab_step(acc, w, t0, t_hi, x_ptrs, s_ptr, z_ptr, s_rows, nmask, rsl, rv, G, GROUP, KH,
                              BITS, WPG, SL, BN, HALF, ASM, XBF16, EVEN)  # fmt: skip
     y = tl.sum(tl.sum(acc, axis=2), axis=0)  # [BN]
-    omask = nmask
-    if SPLIT > 1:
-        y, last = _split_reduce(y, ws_ptr, cnt_ptr, m * N + rn, nmask, pid_n * M + m, pid_s, M * N, SPLIT)
-        omask = nmask & last
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=omask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=omask)
+    _store_row(y, y_ptr, b_ptr, ws_ptr, cnt_ptr, m, rn, nmask, pid_n, pid_s, M, N, stride_ym, HAS_BIAS, SPLIT)
 
 
 def slab_supported(bits: int, group_size: int, K: int) -> bool:

@@ -330,6 +330,19 @@ def _split_reduce(acc, ws_ptr, cnt_ptr, off, mask, cnt_idx, pid_s, MN, SPLIT: tl
 
 
 @triton.jit
+def _store_row(y, y_ptr, b_ptr, ws_ptr, cnt_ptr, m, rn, nmask, pid_n, pid_s, M, N, stride_ym,
+               HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """GEMV epilogue: y [BN] (fp32) of output row m -> split-K sum, + bias, stored by the last split."""
+    omask = nmask
+    if SPLIT > 1:
+        y, last = _split_reduce(y, ws_ptr, cnt_ptr, m * N + rn, nmask, pid_n * M + m, pid_s, M * N, SPLIT)
+        omask = nmask & last
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=omask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _group_params(s_ptr, z_ptr, rn, nmask, k0, G, GROUP, stride_sn, NGT: tl.constexpr, GSUB: tl.constexpr):
     """fp32 scales and zeros [BN, NGT] of the NGT column chunks starting at k0."""
     g = (k0 + tl.arange(0, NGT) * GSUB) // GROUP
@@ -385,13 +398,7 @@ def _gemv_kernel(
         y = s * (tl.sum(acc, axis=1) - z * tl.sum(xacc, axis=0))
     else:
         y = tl.sum(acc, axis=1)
-    omask = nmask
-    if SPLIT > 1:
-        y, last = _split_reduce(y, ws_ptr, cnt_ptr, m * N + rn, nmask, pid_n * M + m, pid_s, M * N, SPLIT)
-        omask = nmask & last
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=omask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=omask)
+    _store_row(y, y_ptr, b_ptr, ws_ptr, cnt_ptr, m, rn, nmask, pid_n, pid_s, M, N, stride_ym, HAS_BIAS, SPLIT)
 
 
 @triton.jit
