@@ -96,7 +96,7 @@ def static_greedy_generate(
 
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
     pad = int(eos[0]) if pad_token_id is None and eos.numel() else int(pad_token_id or 0)
-    running = ~torch.isin(out[:, 0], eos)  # [B]: rows that have not emitted an end token yet
+    running = ~_is_end(out[:, 0], eos)  # [B]: rows that have not emitted an end token yet
 
     # Static state of the step: the tokens to feed, the cache slot they fill (shared by the batch), each
     # row's position, the output column, the mask over every cache slot.
@@ -114,7 +114,7 @@ def static_greedy_generate(
         nxt = logits[:, -1].argmax(-1)
         if eos.numel():  # fixed at capture: the graph holds either both ops or neither
             nxt = torch.where(running, nxt, pad)
-            running.logical_and_(~torch.isin(nxt, eos))
+            running.logical_and_(~_is_end(nxt, eos))
         out.index_copy_(1, slot, nxt[:, None])
         token.copy_(nxt[:, None])
         cache_position.add_(1)
@@ -151,11 +151,16 @@ def static_greedy_generate(
     return out[:, : _generated_length(out[:, :n], eos)]
 
 
+def _is_end(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Which tokens are end tokens: one broadcast compare (torch.isin may sort, which a graph should not hold)."""
+    return (tokens.unsqueeze(-1) == eos).any(-1)
+
+
 def _generated_length(new: torch.Tensor, eos: torch.Tensor) -> int:
     """Columns of ``new`` [B, n] up to the step at which the last row ended (n if one never did)."""
     if not eos.numel():
         return new.shape[1]
-    ended = torch.isin(new, eos)
+    ended = _is_end(new, eos)
     if not bool(ended.any(-1).all()):
         return new.shape[1]
     return int(ended.long().argmax(-1).max()) + 1
