@@ -70,6 +70,15 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def add_batch1_kernel_argument(p: argparse.ArgumentParser) -> None:
+    from casp.kernels import BATCH1_KERNELS
+
+    p.add_argument("--batch1-kernel", choices=list(BATCH1_KERNELS), default="kmajor",
+                   help="GPU kernel of packed 2/4-bit weights at one token per step: "
+                   + "; ".join(f"{k}: {v}" for k, v in BATCH1_KERNELS.items()).replace("%", "%%")
+                   + " (default kmajor)")
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -77,7 +86,7 @@ def cmd_generate(args) -> int:
 
     print(generate_from_dir(args.model, args.prompt, args.image, args.max_new_tokens, _device(args.device), args.kv,
                             args.kv_window, cuda_graph=not args.no_cuda_graph,
-                            dtype=getattr(torch, args.dtype) if args.dtype else None))
+                            dtype=getattr(torch, args.dtype) if args.dtype else None, batch1_kernel=args.batch1_kernel))
     return 0
 
 
@@ -223,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "one captured CUDA graph per token (the default with the fp16 cache; see casp/decode.py)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="activations and unpacked weights (default: float16 on a GPU, float32 on the CPU)")
+    add_batch1_kernel_argument(p)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
 

@@ -51,10 +51,11 @@ def generate(model, processor, adapter, prompts: list[str], images: list | None 
 
 def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_tokens: int = 32,
                       device: str = "cpu", kv: str = "fp16", kv_window: int = 128, cuda_graph: bool = True,
-                      dtype: torch.dtype | None = None) -> str:
+                      dtype: torch.dtype | None = None, batch1_kernel: str = "kmajor") -> str:
     """``casp generate``: load ``model_dir`` (in ``dtype``; default float16 on a GPU, where the packed-weight
-    kernels run, float32 on the CPU) and continue ``prompt``."""
-    from casp.kernels import triton_available
+    kernels run, float32 on the CPU) and continue ``prompt``; ``batch1_kernel``: see
+    casp.kernels.set_batch1_kernel."""
+    from casp.kernels import set_batch1_kernel, triton_available
     from casp.kv.attention import enable_fused_kv_attention
     from casp.kv.methods import make_cache
 
@@ -64,6 +65,7 @@ def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_
         raise CaspError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
     model, processor, adapter = load_model(model_dir, dtype=dtype, device=device)
+    set_batch1_kernel(model, batch1_kernel)
     images = [open_image(image)] if image else None
     if kv == "akvq" and next(model.parameters()).is_cuda and triton_available():
         enable_fused_kv_attention(model)  # decode steps attend over the packed cache in one Triton kernel

@@ -112,7 +112,8 @@ def test_graph_path_only_on_gpu_and_for_allowed_families():
 
 def test_cli_generate_options(tiny_dirs, capsys):
     base = ["generate", str(tiny_dirs["llama"]), "--prompt", "hello there"]
-    assert main(base + ["--max-new-tokens", "3", "--no-cuda-graph", "--dtype", "float32"]) == 0
+    options = ["--max-new-tokens", "3", "--no-cuda-graph", "--dtype", "float32", "--batch1-kernel", "gemv"]
+    assert main(base + options) == 0
     assert main(base + ["--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
 

@@ -57,6 +57,29 @@ def test_quant_linear_forward_uses_dispatch():
     assert torch.equal(lin(x), kernels.linear(x, lin.quantized_weight(), lin.bias))
 
 
+def test_set_batch1_kernel_reaches_the_dispatch_and_gemv_frees_the_copies(monkeypatch):
+    from casp.kernels import slab_layout as sl
+
+    model = torch.nn.Sequential(QuantLinear.from_weight(_layer(K=256, bits=2, group=64, act_order=False)),
+                                torch.nn.ReLU(), QuantLinear.from_weight(_layer(N=256, K=24, bits=4, group=8)))
+    seen = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda x, qw, bias=None, m1=None: seen.append(m1) or real(x, qw, bias))
+    model(torch.randn(1, 256))
+    assert seen == [None, None]  # unset: uniform_config.GEMV_M1
+    first = model[0]
+    sl.cached_kmajor(first.qweight, first.scales, first.zeros, 2, 256, 4)  # as a first GPU call would
+    assert sl.kernel_copy_bytes(model) > 0
+    assert kernels.set_batch1_kernel(model, "kmajor") == 2 and sl.kernel_copy_bytes(model) > 0
+    assert kernels.set_batch1_kernel(model, "gemv") == 2
+    assert sl.kernel_copy_bytes(model) == 0  # the K-major copy is gone
+    model(torch.randn(1, 256))
+    assert seen[2:] == ["gemv", "gemv"]
+    assert cfgs.choose_path(1, 2, 64, 4, m1="gemv") == "gemv" and cfgs.choose_path(1, 2, 64, 4) == "kmajor"
+    with pytest.raises(ValueError, match="unknown batch-1 kernel 'fast'; choose one of kmajor, gemv"):
+        kernels.set_batch1_kernel(model, "fast")
+
+
 def test_gpu_dispatch_needs_cuda_half_uniform():
     """kernel_for only picks the Triton kernel for CUDA fp16/bf16 activations of a uniform weight."""
     qw = _layer()

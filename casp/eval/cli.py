@@ -65,6 +65,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="also measure prefill/decode tokens/s and memory on --batch-size copies of the first prompt "
                    "(stored under 'speed' in the results)")
     p.add_argument("--speed-tokens", type=int, default=32, help="new tokens per prompt for --speed (default 32)")
+    from casp.cli import add_batch1_kernel_argument
+
+    add_batch1_kernel_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
     return p
@@ -93,6 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cuda_graph=not args.no_cuda_graph,
         speed=args.speed,
         speed_tokens=args.speed_tokens,
+        batch1_kernel=args.batch1_kernel,
     )
     for name, value in headline_metrics(res["tasks"]).items():
         print(f"{name}: {value:.4f}")

@@ -80,13 +80,16 @@ def evaluate(
     dtype: torch.dtype | None = None,
     speed: bool = False,
     speed_tokens: int = 32,
+    batch1_kernel: str = "kmajor",
     **task_options: Any,
 ) -> dict[str, Any]:
     """Load a model (original or casp-compressed dir), run every task, write and return the results.
 
     With ``speed``, the results also get "speed" (casp.eval.speed.measure_speed): prefill and decode
     tokens/s and memory, on a batch of ``batch_size`` copies of the first prompt, ``speed_tokens`` new
-    tokens each, decoded the way the tasks were (a CUDA graph on a GPU unless ``cuda_graph=False``)."""
+    tokens each, decoded the way the tasks were (a CUDA graph on a GPU unless ``cuda_graph=False``).
+    ``batch1_kernel``: see casp.kernels.set_batch1_kernel."""
+    from casp.kernels import set_batch1_kernel
     from casp.models import load_model
 
     if not tasks:
@@ -101,6 +104,7 @@ def evaluate(
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     t0 = time.perf_counter()
     model, processor, adapter = load_model(model_path, dtype=dtype, device=device)
+    set_batch1_kernel(model, batch1_kernel)
     timing: dict[str, float] = {"load_s": time.perf_counter() - t0}
     results: dict[str, dict[str, Any]] = {}
     from casp.quant.linear import dense_weights

@@ -164,3 +164,12 @@ def kernel_copy_bytes(model: torch.nn.Module) -> int:
                 tensors = value if isinstance(value, tuple) else (value,)
                 total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return total
+
+
+def drop_kernel_copies(model: torch.nn.Module) -> None:
+    """Forget the repacked copies kept on ``model``'s buffers (their memory is freed once nothing else, such as
+    a captured CUDA graph, holds them)."""
+    for buf in model.buffers():
+        for attr in (_CACHE_ATTR, _KMAJOR_ATTR):
+            if hasattr(buf, attr):
+                delattr(buf, attr)

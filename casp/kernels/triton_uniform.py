@@ -757,11 +757,12 @@ def uniform_linear(
     bias: torch.Tensor | None = None,
     path: str | None = None,
     cfg: KernelConfig | None = None,
+    m1: str | None = None,
 ) -> torch.Tensor:
     """y = x W^T (+ bias) for a "uniform" weight, x [..., K] in fp16/bf16 on CUDA; y in x's dtype.
 
     ``path`` forces "gemv", "slab", "slab16", "kmajor", "tc", "dot" or "dequant" (benchmarks); None picks by the number
-    of rows (uniform_config.choose_path).
+    of rows (uniform_config.choose_path), with ``m1`` (default uniform_config.GEMV_M1) the kernel at one row.
     """
     N, K = qweight.shape[0], x.shape[-1]
     _check_inputs(x, qweight, scales, zeros, perm, bits, group_size, bias)
@@ -774,7 +775,7 @@ def uniform_linear(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, N)
-    path = path or choose_path(M, bits, group_size, scales.shape[1], half=x.dtype == torch.float16)
+    path = path or choose_path(M, bits, group_size, scales.shape[1], m1=m1, half=x.dtype == torch.float16)
     if path == "dequant":
         w = dequantize(qweight, scales, zeros, bits, group_size, K, x.dtype, cfg)
         y = F.linear(x2, w, bias)

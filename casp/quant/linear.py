@@ -24,7 +24,11 @@ class QuantLinear(nn.Module):
 
     Packed buffers keep their stored dtypes (int32 codes, fp16 scales, ...) under ``.to(dtype)``,
     ``.half()`` and the like: the stored format is fixed; only the bias follows the model's dtype.
+    ``batch1_kernel`` (None: the default) picks the GPU kernel of one-row calls, see
+    casp.kernels.set_batch1_kernel.
     """
+
+    batch1_kernel: str | None = None
 
     def __init__(self, state: dict[str, torch.Tensor], meta: dict[str, Any], bias: torch.Tensor | None = None):
         super().__init__()
@@ -60,7 +64,7 @@ class QuantLinear(nn.Module):
         if self.__dict__.get("_keep_dense"):
             self.__dict__["_dense"] = self.quantized_weight().dequantize(x.dtype).to(x.device)
             return self.forward(x)
-        return kernels.linear(x, self.quantized_weight(), self.bias)
+        return kernels.linear(x, self.quantized_weight(), self.bias, self.batch1_kernel)
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype) casts every floating tensor; the packed format fixes its own dtypes.
