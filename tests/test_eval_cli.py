@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from casp.eval.cli import add_eval_parser, add_report_parser
 from casp.eval.errors import EvalError
@@ -86,3 +87,22 @@ def test_eval_bad_task_is_one_line_error(tmp_path):
     with pytest.raises(EvalError, match="KIND:FILE") as info:
         args.func(args)
     assert "\n" not in str(info.value)
+
+
+def test_eval_speed_out_of_memory_keeps_the_task_results(tmp_path, monkeypatch):
+    import importlib
+
+    ev = importlib.import_module("casp.eval.evaluate")  # the module: the package exports a function of that name
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    model_dir = make_tiny("llama", tmp_path / "model")
+    (tmp_path / "wiki.txt").write_text("the red circle is left of the blue square . " * 10)
+    monkeypatch.setattr(ev, "measure_speed", oom)
+    out = tmp_path / "r.json"
+    res = ev.evaluate(model_dir, [f"ppl:{tmp_path / 'wiki.txt'}"], out=out, device="cpu", speed=True, batch_size=4,
+                      ppl_max_length=16, progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["tasks"]["ppl:" + str(tmp_path / "wiki.txt")]["ppl"] > 0
+    assert saved["speed"]["oom"] and "lower --batch-size" in saved["speed"]["error"] and res["speed"]["batch_size"] == 4

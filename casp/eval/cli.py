@@ -104,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if task.get("n_skipped"):
             print(f"{spec}: skipped {task['n_skipped']} row(s), first: {task['skipped'][0]}")
     if "speed" in res:
-        print(speed_line(res["speed"]))
+        print(res["speed"].get("error") or speed_line(res["speed"]))
     print(f"wrote {args.out} ({res['timing']['total_s']:.1f} s)")
     return 0
 

@@ -122,8 +122,15 @@ def evaluate(
             inputs, source = speed_inputs(model, processor, adapter, specs, task_options.get("batch_size", 8),
                                           task_options.get("image_root"))
             tokenizer = getattr(processor, "tokenizer", processor)
-            speed_result = measure_speed(model, inputs, speed_tokens, pad_token_id=tokenizer.pad_token_id,
-                                         adapter=adapter, cuda_graph=task_options.get("cuda_graph", True))
+            batch = int(inputs["input_ids"].shape[0])
+            try:
+                speed_result = measure_speed(model, inputs, speed_tokens, pad_token_id=tokenizer.pad_token_id,
+                                             adapter=adapter, cuda_graph=task_options.get("cuda_graph", True))
+            except torch.cuda.OutOfMemoryError:
+                # The GPU's only signal; the task results above must still be written.
+                torch.cuda.empty_cache()
+                speed_result = {"batch_size": batch, "oom": True,
+                                "error": f"out of GPU memory at batch {batch}: lower --batch-size for --speed"}
             speed_result["prompt"] = source
             timing["speed_s"] = time.perf_counter() - t1
     timing["total_s"] = time.perf_counter() - t0
