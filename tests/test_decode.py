@@ -58,7 +58,8 @@ PROMPTS = ["what color is the circle ?", "a dog", "how many red squares are ther
 def _batch(family: str):
     model, processor = build(family, num_layers=2, hidden=64)
     adapter = get_adapter(model)
-    images = [make_image(i) for i in range(len(PROMPTS))] if adapter.is_multimodal else None
+    # images of three sizes: LLaVA-NeXT's tiling gives them different numbers of image tokens
+    images = [make_image(0), make_image(1, size=56), make_image(2, size=80)] if adapter.is_multimodal else None
     inputs = dict(adapter.build_inputs(processor, PROMPTS, images))
     return model, processor, inputs
 
