@@ -14,6 +14,8 @@ from casp.eval.evaluate import TASK_KINDS
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from casp.cli import add_batch1_kernel_argument  # casp.cli imports this module
+
     p = sub.add_parser(
         "eval",
         help="evaluate a model: VQA / multiple choice / captions (CIDEr) / perplexity -> results JSON",
@@ -65,8 +67,6 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="also measure prefill/decode tokens/s and memory on --batch-size copies of the first prompt "
                    "(stored under 'speed' in the results)")
     p.add_argument("--speed-tokens", type=int, default=32, help="new tokens per prompt for --speed (default 32)")
-    from casp.cli import add_batch1_kernel_argument
-
     add_batch1_kernel_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

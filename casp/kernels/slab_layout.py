@@ -153,23 +153,23 @@ def cached_kmajor(
     return packed
 
 
-def kernel_copy_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the repacked copies (slab, K-major) that kernels have attached to ``model``'s buffers."""
-    total = 0
+def _kernel_copies(model: torch.nn.Module):
+    """(buffer, attribute, tensors) of every repacked copy (slab, K-major) kept on ``model``'s buffers."""
     for buf in model.buffers():
         for attr in (_CACHE_ATTR, _KMAJOR_ATTR):
             hit = getattr(buf, attr, None)
             if hit is not None:
-                value = hit[1]
-                tensors = value if isinstance(value, tuple) else (value,)
-                total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return total
+                value = hit[1]  # slab: the words; K-major: (words, packed scale/zero, code shift)
+                yield buf, attr, [t for t in (value if isinstance(value, tuple) else (value,)) if torch.is_tensor(t)]
+
+
+def kernel_copy_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the repacked copies (slab, K-major) that kernels have attached to ``model``'s buffers."""
+    return sum(t.numel() * t.element_size() for _, _, tensors in _kernel_copies(model) for t in tensors)
 
 
 def drop_kernel_copies(model: torch.nn.Module) -> None:
     """Forget the repacked copies kept on ``model``'s buffers (their memory is freed once nothing else, such as
     a captured CUDA graph, holds them)."""
-    for buf in model.buffers():
-        for attr in (_CACHE_ATTR, _KMAJOR_ATTR):
-            if hasattr(buf, attr):
-                delattr(buf, attr)
+    for buf, attr, _ in list(_kernel_copies(model)):
+        delattr(buf, attr)

@@ -118,13 +118,15 @@ def speed_metrics(speed: Any) -> dict[str, float]:
     return out
 
 
-def _run_rows(inputs: ReportInputs) -> tuple[list[str], list[dict[str, Any]]]:
-    rows, columns = [], []
+def _run_rows(inputs: ReportInputs) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """(task metric columns, speed columns, one row per run); the quality plot takes the task columns only."""
+    rows, columns, speed_columns = [], [], []
     for source, res in inputs.runs:
         metrics = headline_metrics(res["tasks"])
         columns += [c for c in metrics if c not in columns]
         speed = speed_metrics(res.get("speed"))
-        metrics.update(speed)  # table cells only: the quality plot takes the task columns
+        speed_columns += [c for c in speed if c not in speed_columns]
+        metrics.update(speed)
         method = res["method"]
         bits = method.get("avg_bits")
         rows.append(
@@ -138,7 +140,7 @@ def _run_rows(inputs: ReportInputs) -> tuple[list[str], list[dict[str, Any]]]:
                 "metrics": metrics,
             }
         )
-    return columns, rows
+    return columns, speed_columns, rows
 
 
 def _series(method: dict[str, Any]) -> str:
@@ -233,8 +235,7 @@ def build_report(results_paths: list[str | Path], out_path: str | Path, title: s
     if fmt is None:
         raise EvalError(f"report: {out_path} must end in .html or .md")
     inputs = collect_inputs(list(results_paths))
-    columns, rows = _run_rows(inputs)
-    speed_columns = list(dict.fromkeys(c for r in rows for c in r["metrics"] if c not in columns))
+    columns, speed_columns, rows = _run_rows(inputs)
     header, body = _table(columns + speed_columns, rows)
     figs = _figures(inputs, columns, rows)
     out_path.parent.mkdir(parents=True, exist_ok=True)
