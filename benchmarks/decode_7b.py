@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -274,13 +273,8 @@ def main() -> None:
     args = ap.parse_args()
     tuned_note = "kernel configs: casp/kernels/uniform_config.py TUNED / defaults"
     if args.tuned and os.path.exists(args.tuned):
-        with open(args.tuned) as f:
-            entries = json.load(f)
-        for e in entries:
-            uniform_config.TUNED[tuple(e["key"])] = uniform_config.KernelConfig(
-                e["bn"], e["bk"], e["num_warps"], e["num_stages"], split=e["split"]
-            )
-        tuned_note = f"kernel configs: {len(entries)} entries of {args.tuned} over the TUNED table"
+        n_tuned = uniform_config.load_tuned_json(args.tuned)
+        tuned_note = f"kernel configs: {n_tuned} entries of {args.tuned} over the TUNED table"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else LLAVA_7B
     max_len = args.max_len or (32 if args.tiny else 256)

@@ -152,7 +152,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (tok/s counts every row)")
+    ap.add_argument("--tuned", default=None, help="JSON of kernel configs from benchmarks/kernels.py --tuned-json")
     args = ap.parse_args()
+    tuned_note = "kernel configs: casp/kernels/uniform_config.py TUNED / defaults"
+    if args.tuned:
+        from casp.kernels import uniform_config
+
+        tuned_note = f"kernel configs: {uniform_config.load_tuned_json(args.tuned)} entries of {args.tuned} over TUNED"
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     dtype = torch.float16 if device == "cuda" else torch.float32
     n = args.tokens or (6 if args.tiny else 128)
@@ -170,6 +176,7 @@ def main() -> None:
         f"casp {args.bits}-bit: every decoder linear a QuantLinear of random {args.bits}-bit codes, group 128; "
         "embedding and lm_head fp16",
         "generate: transformers' model.generate (eager steps); graph: casp.decode.static_greedy_generate (CUDA graph)",
+        tuned_note,
         "tok/s: generate n / (t(2n) - t(n)), graph steps / decode seconds; call tok/s = n / t(n) (prefill, capture "
         "and all); one-off ms: generate t(n) - t(1) - (n - 1) / tok/s, graph its eager first step + capture",
         "",

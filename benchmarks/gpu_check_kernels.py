@@ -128,6 +128,17 @@ def kmajor_cases():
                       C(512, 64, 4, 3, split=32), C(1024, 64, 4, 2, split=1)):  # fmt: skip
                 path = f"kmajor|{c.bn}|{c.bk}|{c.num_warps}|{c.split}|{c.num_stages}"
                 out.append((N, K, 128, bits, False, torch.float16, 1, path, False))
+    # L2 prefetch and programmatic dependent launch (each alone and together), on the 7B shapes (prefetch applies:
+    # EVEN layers) and odd ones (masked: the kernel skips the prefetch), with bias and 3 rows
+    for N, K, group, M in ((4096, 11008, 128, 1), (11008, 4096, 128, 1), (5120, 13824, 128, 1), (4096, 4096, 128, 3),
+                           (576, 576, 128, 1), (1000, 200, 64, 1), (300, 520, 40, 2)):  # fmt: skip
+        for bits in (2, 4):
+            if group % (32 // bits):
+                continue
+            for c in (C(256, 128, 2, 3, split=16, prefetch=True), C(512, 64, 4, 3, split=4, prefetch=True, pdl=1),
+                      C(256, 64, 2, 3, split=8, pdl=2), C(256, 128, 2, 2, split=1, prefetch=True, pdl=2)):  # fmt: skip
+                path = f"kmajor|{c.bn}|{c.bk}|{c.num_warps}|{c.split}|{c.num_stages}|{int(c.prefetch)}|{c.pdl}"
+                out.append((N, K, group, bits, bits == 4, torch.float16, M, path, M > 1))
     for N, K, group in ((11008, 4096, 128), (576, 576, 128), (40, 72, 8), (33, 100, -1)):
         for bits in (2, 3, 4, 8):
             for dtype in (torch.float16, torch.bfloat16):
@@ -139,8 +150,10 @@ def _path_cfg(path):
     """(path, KernelConfig or None) of a case's path string "name|bn|bk|warps|split[|stages]"."""
     if path is None or "|" not in path:
         return path, None
-    name, bn, bk, nw, split, *stages = path.split("|")
-    return name, tu.KernelConfig(int(bn), int(bk), int(nw), int(stages[0]) if stages else 2, split=int(split))
+    name, bn, bk, nw, split, *rest = path.split("|")  # rest: [stages [, prefetch, pdl]]
+    stages = int(rest[0]) if rest else 2
+    prefetch, pdl = (bool(int(rest[1])), int(rest[2])) if len(rest) > 2 else (False, 0)
+    return name, tu.KernelConfig(int(bn), int(bk), int(nw), stages, split=int(split), prefetch=prefetch, pdl=pdl)
 
 
 def _run(x, qw, g, bits, bias, path):
@@ -186,17 +199,62 @@ def _warm(case) -> str:
     return ""
 
 
+def pdl_chain_checks(n_layers: int = 8, replays: int = 20) -> list[tuple[bool, str]]:
+    """Each layer's input is the previous layer's output, 4096 x 4096, K-major kernel with programmatic dependent
+    launch (and L2 prefetch), eagerly and replayed from a CUDA graph: the outputs must equal, bit for bit, the same
+    chain without PDL (a kernel that read x before the previous one finished would differ), in every replay."""
+    results = []
+    for bits in (2, 4):
+        sd = (2 * ((1 << bits) ** 2 - 1) / 12) ** 0.5  # std of (code - zero) for uniform codes and zeros
+        layers = []
+        for i in range(n_layers):
+            qw = make_layer(4096, 4096, bits, 128, "cuda", seed=100 * bits + i)
+            qw.scales.copy_((torch.rand_like(qw.scales.float()) + 0.5).half() / (sd * 64.0))  # gain ~1 per layer
+            layers.append(qw)
+        x0 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+        base = C(256, 128 if bits == 2 else 64, 2, 3, split=16)
+
+        def chain(cfg, layers=layers, x0=x0, bits=bits):
+            h = x0
+            for qw in layers:
+                h = tu.uniform_linear(h, qw.qweight, qw.scales, qw.zeros, None, bits, 128, None, "kmajor", cfg)
+            return h
+
+        ref = chain(base).clone()
+        ok_ref = bool(torch.isfinite(ref).all()) and 0.01 < float(ref.float().abs().mean()) < 100
+        for cfg in (base.replace(pdl=1), base.replace(pdl=2), base.replace(prefetch=True, pdl=1)):
+            eager = chain(cfg)
+            static = {}
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                static["y"] = chain(cfg)
+            same = 0
+            for _ in range(replays):
+                static["y"].fill_(float("nan"))
+                g.replay()
+                same += bool(torch.equal(static["y"], ref))
+            ok = ok_ref and torch.equal(eager, ref) and same == replays
+            line = (f"{'OK ' if ok else 'FAIL'} PDL chain of {n_layers} layers 4096x4096 b={bits} "
+                    f"prefetch={int(cfg.prefetch)} pdl={cfg.pdl}: eager equal={torch.equal(eager, ref)}, "
+                    f"graph replays equal {same}/{replays} (mean |y| {float(ref.float().abs().mean()):.3f})")
+            results.append((ok, line))
+            del g, static
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=14)
-    ap.add_argument("--only", choices=["all", "slab", "kmajor", "old"], default="all", help="which kernels to check")
+    ap.add_argument("--only", choices=["all", "slab", "kmajor", "old", "chain"], default="all",
+                    help="which kernels to check (chain: the PDL chain check alone)")
     args = ap.parse_args()
     all_cases = {
         "all": cases() + slab_cases() + kmajor_cases(),
         "slab": slab_cases(),
         "kmajor": kmajor_cases(),
         "old": cases(),
+        "chain": [],
     }[args.only]
     precompile(all_cases, args.workers, fn=_warm)
     # each line goes to the file as it is made: a run cut off by a time limit keeps the cases it checked
@@ -257,11 +315,20 @@ def main() -> None:
     ql_ok = y.shape == (2, 7, 576) and float((y - ref).abs().max()) < 1e-2
     fails += not ql_ok
     lines.append(f"{'OK ' if ql_ok else 'FAIL'} QuantLinear [2, 7, 576] through casp.kernels.linear")
+    n_checks = len(all_cases) + 1
+    if args.only in ("all", "kmajor", "chain"):
+        for ok, line in pdl_chain_checks():
+            fails += not ok
+            n_checks += 1
+            lines.append(line)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
     summary = [
         "worst max|y - torch path| per (path, bits): "
         + ", ".join(f"{p}/{b}: {e:.2e}" for (p, b), e in sorted(worst.items()))
     ]
-    summary.append(f"{len(all_cases) + 1 - fails} passed, {fails} failed")
+    summary.append(f"{n_checks - fails} passed, {fails} failed")
     print("\n".join(lines[-12:] + summary), flush=True)
     if out:
         out.write("\n".join(lines[-1:] + summary) + "\n")

@@ -79,6 +79,10 @@ WIDE = {
     "kmajor": [C(bn, bk, w, st, split=sp) for bn in (128, 256, 512) for w in (1, 2, 4) if bn >= 128 * w
                for bk in (64, 128) for sp in (8, 16, 24, 32) for st in (3, 4, 5)],
 }  # fmt: skip
+# --wide --kmajor-grid prefetch (batch 1, K-major only): L2 bulk prefetch of each program's K range and programmatic
+# dependent launch (the next layer's programs prefetch while this one finishes), over fewer, larger programs too
+PREFETCH_GRID = [C(bn, bk, w, 3, split=sp, prefetch=pf, pdl=pdl) for bn, w in ((256, 2), (512, 4))
+                 for bk in (64, 128) for sp in (4, 8, 16, 32) for pf in (False, True) for pdl in (0, 1, 2)]  # fmt: skip
 
 
 def _tu():
@@ -88,10 +92,13 @@ def _tu():
     return triton_uniform
 
 
-def plan_tasks(shapes, bits_list, batches, sweep: bool, m1_paths, sweep_paths, wide: bool = False) -> list[tuple]:
+def plan_tasks(
+    shapes, bits_list, batches, sweep: bool, m1_paths, sweep_paths, wide: bool = False, grid: str = "wide"
+) -> list[tuple]:
     """Every (N, K, bits, group, M, path, config, dtype, act_order) that main() compiles and times.
 
-    ``wide`` sweeps the WIDE grid of the paths in ``sweep_paths`` (of every WIDE path if that is empty).
+    ``wide`` sweeps the WIDE grid of the paths in ``sweep_paths`` (of every WIDE path if that is empty); ``grid``
+    "prefetch" takes PREFETCH_GRID for the K-major kernel instead.
     """
     return [
         (N, K, b, GROUP, M, p, c, torch.float16, False)
@@ -99,7 +106,9 @@ def plan_tasks(shapes, bits_list, batches, sweep: bool, m1_paths, sweep_paths, w
         for b in bits_list
         for M in batches
         for p in paths_for(M, b, sweep, m1_paths)
-        for c in candidates(p, b, N, K, M, sweep or p in sweep_paths, wide and (not sweep_paths or p in sweep_paths))
+        for c in candidates(
+            p, b, N, K, M, sweep or p in sweep_paths, wide and (not sweep_paths or p in sweep_paths), grid
+        )
     ]
 
 
@@ -205,8 +214,10 @@ def precompile(tasks, workers: int = 14, fn=_compile_task) -> None:
     print(f"precompiled {len(unique)} kernel calls in {time.time() - t0:.0f}s", flush=True)
 
 
-def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool, wide: bool = False):
+def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool, wide: bool = False, grid: str = "wide"):
     uc, _ = cfgs.unit_geometry(bits)
+    if wide and M == 1 and path == "kmajor" and grid == "prefetch":
+        return PREFETCH_GRID
     if wide and M == 1 and path in WIDE:
         return [c for c in WIDE[path] if c.bk >= uc]
     if path in ("slab", "slab16") and bits == 8:
@@ -355,8 +366,11 @@ def _row(qw0, x, N, K, bits, M, us, path, cfg, fp16_us, copy_tbs, peak_tbs) -> s
     e_torch, e_fp32, rel = errors(qw0, x, y)
     nbytes = packed_bytes(qw0) + x.numel() * 2
     tbs = nbytes / (us * 1e-6) / 1e12
-    cfg_s = f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}s{cfg.num_stages}" + (
-        f"m{cfg.bm}" if path in ("dot", "tc") else ""
+    cfg_s = (
+        f"{cfg.bn}x{cfg.bk}w{cfg.num_warps}k{cfg.split}s{cfg.num_stages}"
+        + (f"m{cfg.bm}" if path in ("dot", "tc") else "")
+        + ("p" if cfg.prefetch else "")
+        + (f"d{cfg.pdl}" if cfg.pdl else "")
     )
     return (
         f"{N:>5}x{K:<6} {bits:>4} {M:>5} {path:>7} {cfg_s:>22} {us:9.1f} {fp16_us:9.1f} "
@@ -377,6 +391,8 @@ def main() -> None:
     ap.add_argument("--m1-paths", default="gemv,slab16,kmajor", help="kernels timed (one row each) at M = 1")
     ap.add_argument("--sweep-paths", default=None, help="sweep SWEEP configs for these paths only, e.g. slab,slab16")
     ap.add_argument("--wide", action="store_true", help="batch 1: sweep the broad WIDE grid of the M = 1 paths")
+    ap.add_argument("--kmajor-grid", choices=["wide", "prefetch"], default="wide",
+                    help="with --wide: the K-major grid to sweep (prefetch: PREFETCH_GRID, L2 prefetch and PDL)")
     ap.add_argument("--aqlm", action="store_true", help="also time the experimental AQLM 2x8 GEMV (batch 1)")
     ap.add_argument("--quip", action="store_true", help="also time the experimental QuIP# E8P kernel (batch 1)")
     ap.add_argument("--tuned-json", default=None, help="write the best configs found here (decode_7b.py --tuned)")
@@ -386,13 +402,13 @@ def main() -> None:
 
     def cands(path, bits, N, K, M):
         wide = args.wide and (not sweep_paths or path in sweep_paths)
-        return candidates(path, bits, N, K, M, args.sweep or path in sweep_paths, wide)
+        return candidates(path, bits, N, K, M, args.sweep or path in sweep_paths, wide, args.kmajor_grid)
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     bits_list = [int(b) for b in args.bits.split(",")] if args.bits else BITS
     batches = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
 
-    tasks = plan_tasks(shapes, bits_list, batches, args.sweep, m1_paths, sweep_paths, args.wide)
+    tasks = plan_tasks(shapes, bits_list, batches, args.sweep, m1_paths, sweep_paths, args.wide, args.kmajor_grid)
     precompile(tasks, args.workers)
 
     dev = torch.cuda.get_device_name()
@@ -470,7 +486,10 @@ def main() -> None:
         table = (
             ["", "TUNED = {"]
             + [
-                f"    {k!r}: KernelConfig({c.bn}, {c.bk}, {c.num_warps}, {c.num_stages}, split={c.split}),"
+                f"    {k!r}: KernelConfig({c.bn}, {c.bk}, {c.num_warps}, {c.num_stages}, split={c.split}"
+                + (", prefetch=True" if c.prefetch else "")
+                + (f", pdl={c.pdl}" if c.pdl else "")
+                + "),"
                 for k, c in sorted(tuned.items())
             ]
             + ["}"]
@@ -483,7 +502,8 @@ def main() -> None:
     if args.tuned_json and tuned:
         with open(args.tuned_json, "w") as f:
             json.dump([{"key": list(k), "bn": c.bn, "bk": c.bk, "num_warps": c.num_warps, "num_stages": c.num_stages,
-                        "split": c.split} for k, c in sorted(tuned.items())], f, indent=1)  # fmt: skip
+                        "split": c.split, "prefetch": c.prefetch, "pdl": c.pdl}
+                       for k, c in sorted(tuned.items())], f, indent=1)  # fmt: skip
     if args.sweep_log:
         with open(args.sweep_log, "w") as f:
             f.write("\n".join(sweep_log) + "\n")

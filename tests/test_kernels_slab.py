@@ -261,16 +261,26 @@ _COMPILE_KMAJOR = textwrap.dedent(
     sig = {name: "i32" for name in kernel.arg_names}
     sig.update({"x_ptr": "*i32", "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*fp16", "y_ptr": "*fp16",
                 "ws_ptr": "*fp32", "cnt_ptr": "*i32"})
-    for bits, bk, bn, warps, stages, even in ((2, 8, 512, 4, 2, True), (4, 16, 512, 4, 3, True),
-                                              (2, 4, 256, 2, 2, False), (4, 8, 1024, 8, 2, False)):
+    for bits, bk, bn, warps, stages, even, prefetch, pdl in (
+            (2, 8, 512, 4, 2, True, False, 0), (4, 16, 512, 4, 3, True, False, 0), (2, 4, 256, 2, 2, False, False, 0),
+            (4, 8, 1024, 8, 2, False, False, 0), (2, 8, 256, 2, 3, True, True, 1), (4, 8, 256, 2, 3, True, True, 2),
+            (2, 8, 512, 4, 3, True, False, 2)):
         const = {"BITS": bits, "WPG": 8 if bits == 2 else 16, "BK": bk, "BN": bn, "PRE": 4, "TWO": bits == 4,
-                 "ASM": True, "EVEN": even, "HAS_BIAS": not even, "SPLIT": 4, "STAGES": stages}
+                 "ASM": True, "EVEN": even, "HAS_BIAS": not even, "SPLIT": 4, "STAGES": stages,
+                 "PREFETCH": prefetch, "PDL": pdl, "PF": 64}
         sig.update({n: "constexpr" for n in const})
         constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": stages, "launch_pdl": pdl > 0})
         assert compiled.asm["cubin"]
-        assert "fma.rn.f16x2" in compiled.asm["ptx"]  # the half2 decode, not the interpreter's fp32 one
+        ptx = compiled.asm["ptx"]
+        assert "fma.rn.f16x2" in ptx  # the half2 decode, not the interpreter's fp32 one
+        # the L2 bulk prefetch of words and scales, and the PDL trigger + wait, only where asked for
+        assert ("cp.async.bulk.prefetch.L2.global" in ptx) == prefetch
+        assert ptx.count("griddepcontrol.wait") == ptx.count("griddepcontrol.launch_dependents") == (pdl > 0)
+        if prefetch and pdl:  # the prefetches go out before the wait for the previous kernel
+            assert ptx.index("cp.async.bulk.prefetch") < ptx.index("griddepcontrol.wait")
     print("ok")
     """
 )

@@ -131,12 +131,29 @@ def _load_words(w_ptrs, kw0, N, nmask, BC: tl.constexpr, TWO: tl.constexpr, EVEN
 
 
 @triton.jit
+def _prefetch_l2(ptrs, ok, NBYTES: tl.constexpr):
+    """Ask the L2 for NBYTES (a multiple of 16) at each 16-byte-aligned pointer of ``ptrs`` where ``ok``.
+
+    One bulk prefetch instruction per pointer (sm_90): the bytes stream in while the thread goes on, holding no
+    registers and no shared memory, so a program can put its whole K range in flight at once.
+    """
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; } // $0",
+        "=r,l,r,r",
+        [ptrs, ok.to(tl.int32), tl.full(ptrs.shape, NBYTES, tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _kmajor_gemv_kernel(
     x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, KH, KW, words_per_split, GROUP, stride_xm, stride_ym,
     BITS: tl.constexpr, WPG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PRE: tl.constexpr,
     TWO: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0, PF: tl.constexpr = 1,
 ):  # fmt: skip
     """y[m, rn] = x[m] . W[rn]^T; row block program_id(0), K split program_id(1), activation row program_id(2).
 
@@ -144,6 +161,13 @@ def _kmajor_gemv_kernel(
     (scale, zero) [G, N]. BK words per row per step, as one tile or (TWO) two of BK / 2. EVEN: N % BN == 0
     and K fills its last slab (no masks). STAGES <= 2: the next step's words are prefetched by hand;
     STAGES >= 3: Triton's pipeliner keeps STAGES - 1 steps in flight.
+
+    sm_90 only (the host turns them off elsewhere): PREFETCH (with EVEN) first asks the L2 for the program's
+    whole K range of words and its scale rows (PF: a power of two >= the K-words per program). PDL: launched
+    with programmatic dependent launch, the program may start while the previous kernel on the stream still
+    runs; it prefetches (weights are never written by a kernel) and then waits for that kernel before it reads
+    x or writes anything. PDL 1 lets the next kernel launch once every program has started, 2 once every
+    program has finished its loop.
     """
     BC: tl.constexpr = BK // 2 if TWO else BK
     pid_n = tl.program_id(0)
@@ -158,6 +182,19 @@ def _kmajor_gemv_kernel(
     # threads of a warp 128 consecutive rows, and the warps further rows (for BN >= 128 * num_warps)
     w_ptrs = w_ptr + rc[:, None].to(tl.int64) * N + rn[None, :]
     x_row = x_ptr + m.to(tl.int64) * stride_xm
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH and EVEN:
+        S: tl.constexpr = (32 // BITS) * WPG  # codes per slab
+        kw = kw_lo + tl.arange(0, PF)
+        _prefetch_l2(w_ptr + kw.to(tl.int64) * N + pid_n * BN, kw < kw_hi, BN * 4)
+        g_lo = (kw_lo // WPG) * S // GROUP
+        g_hi = ((kw_hi - 1) // WPG) * S // GROUP
+        g = g_lo + tl.arange(0, PF)
+        _prefetch_l2(sz_ptr + g.to(tl.int64) * N + pid_n * BN, g <= g_hi, BN * 4)
+    if PDL > 0:
+        # x comes from the previous kernel, whose split-K workspace and counters may still be in use
+        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BN], dtype=tl.float32)
     if STAGES >= 3:
         for kw0 in tl.range(kw_lo, kw_hi, BK, num_stages=STAGES):
@@ -172,6 +209,8 @@ def _kmajor_gemv_kernel(
             wa_n, wb_n = _load_words(w_ptrs, tl.minimum(kw0 + BK, kw_hi - BK), N, nmask, BC, TWO, EVEN)
             acc = _kmajor_step(acc, wa, wb, kw0, x_row, sz_ptr, rn, nmask, rc, N, KH, GROUP,
                                BITS, WPG, PRE, TWO, ASM, EVEN)  # fmt: skip
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     y = acc
     _store_row(y, y_ptr, b_ptr, ws_ptr, cnt_ptr, m, rn, nmask, pid_n, pid_s, M, N, stride_ym, HAS_BIAS, SPLIT)
 
@@ -222,12 +261,20 @@ def kmajor_gemv(
     KW = T * wpg
     per, split, ws, cnt = _split_plan(KW, bk, cfg.split, nb * M, M, N, x.device)
     even = N % cfg.bn == 0 and K == T * S
+    hopper = _sm90(x.device)  # bulk prefetch and grid dependency control are sm_90 instructions
+    launch = {"launch_pdl": True} if hopper and cfg.pdl else {}
     _kmajor_gemv_kernel[(nb, split, M)](
         xp, words, sz, bias if bias is not None else y, y, ws if ws is not None else y,
         cnt if cnt is not None else words,
         M, N, xp.shape[1], KW, per, group_size, xp.stride(0), y.stride(0),
         BITS=bits, WPG=wpg, BK=bk, BN=cfg.bn, PRE=pre, TWO=bits == 4 and bk > 1, ASM=not _interpreting(),
         EVEN=even, HAS_BIAS=bias is not None,
-        SPLIT=split, STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT=split, STAGES=cfg.num_stages, PREFETCH=hopper and cfg.prefetch, PDL=cfg.pdl if hopper else 0,
+        PF=triton.next_power_of_2(per), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )  # fmt: skip
     return y
+
+
+def _sm90(device: torch.device) -> bool:
+    """True on a CUDA device of compute capability 9.0 or later, outside Triton's interpreter."""
+    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9

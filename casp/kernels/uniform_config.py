@@ -22,17 +22,31 @@ class KernelConfig:
 
     bn: output rows per program; bk: weight columns per loop step; split: programs sharing one
     row block along K (reduced in-kernel by the last one); bm: activation rows per program of the
-    tensor-core kernel.
+    tensor-core kernel. K-major kernel only (sm_90 and later; ignored elsewhere): prefetch: each program first
+    asks the L2 for all its words and scales with bulk prefetches; pdl: programmatic dependent launch, 0 off,
+    1 the next kernel may launch once every program has started, 2 once every program has finished its loop.
     """
 
-    __slots__ = ("bn", "bk", "bm", "num_warps", "num_stages", "split")
+    __slots__ = ("bn", "bk", "bm", "num_warps", "num_stages", "split", "prefetch", "pdl")
 
-    def __init__(self, bn: int, bk: int, num_warps: int = 4, num_stages: int = 2, bm: int = 16, split: int = 1):
+    def __init__(
+        self,
+        bn: int,
+        bk: int,
+        num_warps: int = 4,
+        num_stages: int = 2,
+        bm: int = 16,
+        split: int = 1,
+        prefetch: bool = False,
+        pdl: int = 0,
+    ):
         for name, v in (("bn", bn), ("bk", bk), ("bm", bm)):
             if v < 1 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}")
         if split < 1:
             raise ValueError(f"KernelConfig.split must be >= 1, got {split}")
+        if pdl not in (0, 1, 2):
+            raise ValueError(f"KernelConfig.pdl must be 0, 1 or 2, got {pdl}")
         self.bn, self.bk, self.bm, self.num_warps, self.num_stages, self.split = (
             bn,
             bk,
@@ -41,6 +55,7 @@ class KernelConfig:
             num_stages,
             split,
         )
+        self.prefetch, self.pdl = bool(prefetch), pdl
 
     def replace(self, **kw) -> KernelConfig:
         d = {k: getattr(self, k) for k in self.__slots__}
@@ -48,8 +63,10 @@ class KernelConfig:
         return KernelConfig(**d)
 
     def __repr__(self) -> str:
+        extra = (", prefetch=True" if self.prefetch else "") + (f", pdl={self.pdl}" if self.pdl else "")
         return (
-            f"KernelConfig({self.bn}, {self.bk}, {self.num_warps}, {self.num_stages}, bm={self.bm}, split={self.split})"
+            f"KernelConfig({self.bn}, {self.bk}, {self.num_warps}, {self.num_stages}, bm={self.bm}, split={self.split}"
+            f"{extra})"
         )
 
 
@@ -141,6 +158,23 @@ def default_config(path: str, bits: int, N: int, K: int, M: int = 1, group_size:
         split = max(1, min(8, (132 * 4) // max(1, -(-N // bn) * -(-M // bm))))
         return KernelConfig(bn, max(128, uc), 4, 2, bm=bm, split=split)
     return KernelConfig(32, max(256, uc), 4, 1)
+
+
+def load_tuned_json(path: str) -> int:
+    """Put the configs of a ``benchmarks/kernels.py --tuned-json`` file into TUNED, over what is there.
+
+    Returns the number of entries. For benchmarks that time a freshly swept table in the run that swept it.
+    """
+    import json
+
+    with open(path) as f:
+        entries = json.load(f)
+    for e in entries:
+        TUNED[tuple(e["key"])] = KernelConfig(
+            e["bn"], e["bk"], e["num_warps"], e["num_stages"], split=e["split"],
+            prefetch=e.get("prefetch", False), pdl=e.get("pdl", 0),
+        )  # fmt: skip
+    return len(entries)
 
 
 def m_bucket(M: int) -> int:
