@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 tag=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 timeout 100 python3 benchmarks/gpu_check_kernels.py --only chain --out "$OUT/gpu_check_chain_$tag.txt"
-timeout 330 python3 benchmarks/kernels.py --batches 1 --bits 2,4 --shapes 4096x11008,11008x4096,4096x4096 \
+timeout 300 python3 benchmarks/kernels.py --batches 1 --bits 2,4 --shapes 4096x11008,11008x4096,4096x4096 \
     --m1-paths kmajor --sweep-paths kmajor --wide --kmajor-grid prefetch --sweep-log "$OUT/kernels_prefetch_$tag.log" \
     --tuned-json "$OUT/tuned_prefetch.json" --out "$OUT/kernels_prefetch_$tag.txt"
 tuned=()

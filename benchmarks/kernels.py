@@ -81,8 +81,10 @@ WIDE = {
 }  # fmt: skip
 # --wide --kmajor-grid prefetch (batch 1, K-major only): L2 bulk prefetch of each program's K range and programmatic
 # dependent launch (the next layer's programs prefetch while this one finishes), over fewer, larger programs too
-PREFETCH_GRID = [C(bn, bk, w, 3, split=sp, prefetch=pf, pdl=pdl) for bn, w in ((256, 2), (512, 4))
-                 for bk in (64, 128) for sp in (4, 8, 16, 32) for pf in (False, True) for pdl in (0, 1, 2)]  # fmt: skip
+# (codes per step: what the H200 and H100 sweeps picked, 128 at 2 bits and 64 at 4)
+PREFETCH_GRID = {bits: [C(bn, 128 if bits == 2 else 64, w, 3, split=sp, prefetch=pf, pdl=pdl)
+                        for bn, w in ((256, 2), (512, 4)) for sp in (8, 16, 32) for pf in (False, True)
+                        for pdl in (0, 1, 2)] for bits in (2, 4)}  # fmt: skip
 
 
 def _tu():
@@ -217,7 +219,7 @@ def precompile(tasks, workers: int = 14, fn=_compile_task) -> None:
 def candidates(path: str, bits: int, N: int, K: int, M: int, sweep: bool, wide: bool = False, grid: str = "wide"):
     uc, _ = cfgs.unit_geometry(bits)
     if wide and M == 1 and path == "kmajor" and grid == "prefetch":
-        return PREFETCH_GRID
+        return PREFETCH_GRID[bits]
     if wide and M == 1 and path in WIDE:
         return [c for c in WIDE[path] if c.bk >= uc]
     if path in ("slab", "slab16") and bits == 8:
