@@ -12,6 +12,7 @@ of weight copies, so reads come from HBM): an empty kernel (the fixed cost of on
 graph), fp16 ``F.linear`` at batch 1 and a device-to-device copy (bandwidth ceiling).
 
     python benchmarks/gemv_floor.py --out benchmarks/results/gemv_floor_h100.txt
+    python benchmarks/gemv_floor.py --layout kmajor --out FILE   # the K-major kernel's reads (its own grids)
 
 Reported per (shape, bits): the best read-only config, its us and TB/s, and what that means for the
 speedup over fp16 that any GEMV with this access pattern can reach.
@@ -91,6 +92,86 @@ def _read_kernel(
         tl.store(out_ptr + pid_s * N + rn, r, mask=nmask)
 
 
+@triton.jit
+def _read_kmajor_kernel(
+    w_ptr, sz_ptr, out_ptr, ws_ptr, cnt_ptr, N, KW, words_per_split,
+    BN: tl.constexpr, BC: tl.constexpr, WPG: tl.constexpr, STAGES: tl.constexpr, EPI: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    """The K-major kernel's reads alone (casp/kernels/triton_kmajor.py): [BC, BN] word tiles of the [KW, N] words
+    and one [BN] row of packed (scale, zero) per slab, over K range pid_s, folded with XOR / add."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rc = tl.arange(0, BC)
+    lo = pid_s * words_per_split
+    hi = tl.minimum(lo + words_per_split, KW)
+    w_ptrs = w_ptr + rc[:, None].to(tl.int64) * N + rn[None, :]
+    acc = tl.zeros([BC, BN], dtype=tl.int32)
+    sacc = tl.zeros([BN], dtype=tl.int32)
+    for kw0 in tl.range(lo, hi, BC, num_stages=STAGES):
+        acc ^= tl.load(w_ptrs + kw0 * N)
+        sacc ^= tl.load(sz_ptr + (kw0 // WPG) * N + rn)
+    r = (tl.sum(acc, axis=0) ^ sacc).to(tl.float32)
+    if EPI:  # the GEMV kernels' split-K epilogue: partials to a workspace, the last program sums them
+        r, last = _split_reduce(r, ws_ptr, cnt_ptr, rn, rn < N, pid_n, pid_s, N, SPLIT)
+        tl.store(out_ptr + rn, r, mask=last)
+    else:
+        tl.store(out_ptr + pid_s * N + rn, r)
+
+
+def read_kmajor_call(w, sz, out, bn, bc, split, warps, stages, wpg, epi=False):
+    """One read-only call over K-major words w [KW, N] (N a multiple of bn, KW of bc) and packed sz [G, N]."""
+    KW, N = w.shape
+    per = -(-KW // split)
+    per = -(-per // bc) * bc
+    split = -(-KW // per)
+    cnt = _counters(w.device)
+    return lambda: _read_kmajor_kernel[(N // bn, split)](
+        w, sz, out, out[N:], cnt, N, KW, per,
+        BN=bn, BC=bc, WPG=wpg, STAGES=stages, EPI=epi, SPLIT=split if epi else 1, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+# the K-major kernel's grids (benchmarks/kernels.py WIDE / PREFETCH_GRID): rows, words per step, K splits, warps, stages
+KMAJOR_CONFIGS = [
+    (bn, bc, split, warps, 3)
+    for bn, warps in ((256, 2), (512, 4), (128, 1))
+    for bc in (4, 8)
+    for split in (8, 16, 32)
+]
+
+
+def kmajor_floor(N: int, K: int, bits: int, copy_tbs: float, fp16_us: float, top: int) -> list[str]:
+    """Best read-only times over KMAJOR_CONFIGS on K-major words of an [N, K] layer, with and without the epilogue."""
+    wpg = GROUP * bits // 32
+    KW = K * bits // 32
+    G = K // GROUP
+    nbytes = KW * N * 4 + G * N * 4 + K * 2
+    mats = [
+        (torch.randint(-(2**31), 2**31 - 1, (KW, N), dtype=torch.int32, device="cuda"),
+         torch.randint(-(2**31), 2**31 - 1, (G, N), dtype=torch.int32, device="cuda"))
+        for _ in range(n_copies(nbytes))
+    ]  # fmt: skip
+    out = torch.empty(64 * N, dtype=torch.float32, device="cuda")
+    results = []
+    for bn, bc, split, warps, stages in KMAJOR_CONFIGS:
+        if bc > wpg:
+            continue
+        for epi in (False, True):
+            us = time_calls([read_kmajor_call(w, sz, out, bn, bc, split, warps, stages, wpg, epi) for w, sz in mats])
+            results.append((us, (bn, bc, split, warps, stages, epi)))
+    results.sort()
+    lines = [f"{N}x{K} {bits}-bit K-major: {nbytes / 1e6:.2f} MB read; {len(results)} read-only configs timed"]
+    for us, (bn, bc, split, warps, stages, epi) in results[:top]:
+        tbs = nbytes / us / 1e6
+        lines.append(
+            f"  read-kmajor BN={bn:<3} BC={bc} split={split:<2} warps={warps} stages={stages} epilogue={int(epi)}: "
+            f"{us:6.2f} us {tbs:5.2f} TB/s ({100 * tbs / copy_tbs:3.0f}% of copy), fp16 / read = {fp16_us / us:4.2f}x"
+        )
+    return lines
+
+
 def read_call(qw, s, z, out, bn, bw, split, warps, stages, wpg, epi=False):
     N, KW = qw.shape
     per = -(-KW // split)
@@ -125,6 +206,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--bits", default="2,4")
     ap.add_argument("--top", type=int, default=5, help="best configs listed per (shape, bits)")
+    ap.add_argument("--layout", choices=["stored", "kmajor"], default="stored",
+                    help="read the stored [N, K-words] layout (the gemv kernels') or the K-major [K-words, N] one")
     args = ap.parse_args()
     bits_list = [int(b) for b in args.bits.split(",")]
     dev = torch.cuda.get_device_name()
@@ -144,6 +227,10 @@ def main() -> None:
         lines.append(f"{N}x{K} fp16 F.linear M=1: {fp16_us:.1f} us ({N * K * 2 / fp16_us / 1e6:.2f} TB/s)")
         print(lines[-1], flush=True)
         for bits in bits_list:
+            if args.layout == "kmajor":
+                lines += kmajor_floor(N, K, bits, copy_tbs, fp16_us, args.top)
+                print("\n".join(lines[-1 - args.top :]), flush=True)
+                continue
             KW = (K + 31) // 32 * bits
             G = -(-K // GROUP)
             wpg = GROUP * bits // 32
