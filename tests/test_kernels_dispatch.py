@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -170,6 +171,26 @@ def test_kernel_config_validation():
     with pytest.raises(ValueError, match="split"):
         cfgs.KernelConfig(32, 128, split=0)
     assert cfgs.KernelConfig(32, 128).replace(split=4).split == 4
+    with pytest.raises(ValueError, match="pdl must be 0, 1 or 2"):
+        cfgs.KernelConfig(256, 128, pdl=3)
+    c = cfgs.KernelConfig(256, 128, 2, 3, split=16).replace(prefetch=True, pdl=2)
+    assert (c.prefetch, c.pdl, c.split) == (True, 2, 16) and "prefetch=True, pdl=2" in repr(c)
+    assert "prefetch" not in repr(cfgs.KernelConfig(256, 128))
+
+
+def test_load_tuned_json_overrides_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(cfgs, "TUNED", dict(cfgs.TUNED))  # the module table is left as it was
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps([
+        {"key": ["kmajor", 2, 4096, 11008, 1], "bn": 512, "bk": 128, "num_warps": 4, "num_stages": 3, "split": 8,
+         "prefetch": True, "pdl": 2},
+        {"key": ["gemv", 4, 77, 96, 1], "bn": 16, "bk": 512, "num_warps": 4, "num_stages": 2, "split": 2},
+    ]))  # fmt: skip
+    assert cfgs.load_tuned_json(str(path)) == 2
+    c = cfgs.pick_config("kmajor", 2, 4096, 11008, 1)
+    assert (c.bn, c.num_warps, c.split, c.prefetch, c.pdl) == (512, 4, 8, True, 2)
+    g = cfgs.pick_config("gemv", 4, 77, 96, 1)
+    assert (g.bn, g.split, g.prefetch, g.pdl) == (16, 2, False, 0)  # older files have no prefetch / pdl keys
 
 
 _INTERPRET_GEMV = textwrap.dedent(

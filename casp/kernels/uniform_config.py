@@ -25,6 +25,7 @@ class KernelConfig:
     tensor-core kernel. K-major kernel only (sm_90 and later; ignored elsewhere): prefetch: each program first
     asks the L2 for all its words and scales with bulk prefetches; pdl: programmatic dependent launch, 0 off,
     1 the next kernel may launch once every program has started, 2 once every program has finished its loop.
+    Both are off by default: on an H100 neither paid (benchmarks/results/kernels_prefetch_h100.txt).
     """
 
     __slots__ = ("bn", "bk", "bm", "num_warps", "num_stages", "split", "prefetch", "pdl")
