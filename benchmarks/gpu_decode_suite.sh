@@ -5,13 +5,8 @@
 #   OUT=dir PART=2 bash benchmarks/gpu_decode_suite.sh   # whole model: hand-written 7B decode, casp generate path
 #                                                        # at batch 1 and 8, graph decode checks (batched eval)
 # PART=2 reads $OUT/tuned.json when PART=1 left one there (same OUT); GPU name goes into each file's header.
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-benchmarks/results}
 PART=${PART:-1}
-mkdir -p "$OUT"
-tag=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_$PART.txt"
+. "$(dirname "$0")/suite_env.sh" "_$PART"
 if [ "$PART" = 1 ]; then
     timeout 150 python3 benchmarks/gpu_check_kernels.py --only old --out "$OUT/gpu_check_kernels_$tag.txt"
     timeout 330 python3 benchmarks/kernels.py --batches 1 --bits 2,4 --shapes 4096x4096,11008x4096,4096x11008 \

@@ -7,12 +7,7 @@
 # 2. the kernels with their weights resident in L2 (kernels.py --l2-resident): the time without HBM;
 # 3. Nsight Compute on the default config (2 and 4 bits) and with the L2 prefetch (clocks left alone).
 # If (1) is ~7 us and (2) ~9 us, the kernel's work is the bottleneck, not its reads; (3) says which stalls.
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-tag=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+. "$(dirname "$0")/suite_env.sh"
 timeout 150 python3 benchmarks/gemv_floor.py --layout kmajor --top 4 --out "$OUT/gemv_floor_kmajor_$tag.txt"
 timeout 120 python3 benchmarks/kernels.py --l2-resident --batches 1 --bits 2,4 \
     --shapes 4096x11008,11008x4096,4096x4096 --m1-paths gemv,kmajor --out "$OUT/kernels_l2_resident_$tag.txt"

@@ -5,12 +5,7 @@
 # 1. the PDL chain check (layer i+1 reads layer i's output; eager and graph replays equal the chain without PDL);
 # 2. kernels.py over PREFETCH_GRID at batch 1 (2 and 4 bits, the LLaMA-7B shapes), fp16 F.linear in the same run;
 # 3. whole-model decode (generate_7b.py, batch 1) with the configs step 2 found best.
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-tag=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+. "$(dirname "$0")/suite_env.sh"
 timeout 100 python3 benchmarks/gpu_check_kernels.py --only chain --out "$OUT/gpu_check_chain_$tag.txt"
 timeout 300 python3 benchmarks/kernels.py --batches 1 --bits 2,4 --shapes 4096x11008,11008x4096,4096x4096 \
     --m1-paths kmajor --sweep-paths kmajor --wide --kmajor-grid prefetch --sweep-log "$OUT/kernels_prefetch_$tag.log" \
