@@ -496,9 +496,7 @@ def main() -> None:
             ["", "TUNED = {"]
             + [
                 f"    {k!r}: KernelConfig({c.bn}, {c.bk}, {c.num_warps}, {c.num_stages}, split={c.split}"
-                + (", prefetch=True" if c.prefetch else "")
-                + (f", pdl={c.pdl}" if c.pdl else "")
-                + "),"
+                f"{c.option_args()}),"
                 for k, c in sorted(tuned.items())
             ]
             + ["}"]

@@ -27,6 +27,8 @@ Without inline PTX (Triton's CPU interpreter) the same index arithmetic runs in 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -261,7 +263,8 @@ def kmajor_gemv(
     KW = T * wpg
     per, split, ws, cnt = _split_plan(KW, bk, cfg.split, nb * M, M, N, x.device)
     even = N % cfg.bn == 0 and K == T * S
-    hopper = _sm90(x.device)  # bulk prefetch and grid dependency control are sm_90 instructions
+    # bulk prefetch and grid dependency control are sm_90 instructions (asked only when an option is on: hot path)
+    hopper = (cfg.prefetch or cfg.pdl > 0) and _sm90(x.device)
     launch = {"launch_pdl": True} if hopper and cfg.pdl else {}
     _kmajor_gemv_kernel[(nb, split, M)](
         xp, words, sz, bias if bias is not None else y, y, ws if ws is not None else y,
@@ -277,4 +280,9 @@ def kmajor_gemv(
 
 def _sm90(device: torch.device) -> bool:
     """True on a CUDA device of compute capability 9.0 or later, outside Triton's interpreter."""
-    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and not _interpreting() and _major_capability(device.index) >= 9
+
+
+@functools.cache
+def _major_capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]

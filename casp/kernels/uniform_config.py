@@ -16,6 +16,8 @@ Paths by the number of activation rows M (see :func:`choose_path`):
 
 from __future__ import annotations
 
+import json
+
 
 class KernelConfig:
     """Tile sizes and launch options of one kernel call.
@@ -63,11 +65,14 @@ class KernelConfig:
         d.update(kw)
         return KernelConfig(**d)
 
+    def option_args(self) -> str:
+        """The K-major launch options that differ from the defaults, as constructor arguments (", pdl=2")."""
+        return (", prefetch=True" if self.prefetch else "") + (f", pdl={self.pdl}" if self.pdl else "")
+
     def __repr__(self) -> str:
-        extra = (", prefetch=True" if self.prefetch else "") + (f", pdl={self.pdl}" if self.pdl else "")
         return (
             f"KernelConfig({self.bn}, {self.bk}, {self.num_warps}, {self.num_stages}, bm={self.bm}, split={self.split}"
-            f"{extra})"
+            f"{self.option_args()})"
         )
 
 
@@ -166,8 +171,6 @@ def load_tuned_json(path: str) -> int:
 
     Returns the number of entries. For benchmarks that time a freshly swept table in the run that swept it.
     """
-    import json
-
     with open(path) as f:
         entries = json.load(f)
     for e in entries:
