@@ -11,7 +11,8 @@ runs casp's Triton kernels on CUDA. Each model decodes greedily from a random pr
   ``casp generate`` now runs on a GPU with the fp16 cache.
 
 With ``--batch B`` the B prompts are decoded together (what ``casp eval`` does on a GPU) and tok/s counts the
-tokens of every row.
+tokens of every row. ``--batch1-kernel kmajor,kmajor-only`` times the casp model once per packed-weight kernel mode
+(casp.kernels.set_batch1_kernel), and the last column is the GPU memory the model holds after its runs.
 Timing (end-of-sequence ignored, medians of ``--repeats`` calls after a warm-up call): for generate, whole
 calls of 1, n and 2n new tokens, tok/s = n / (t(2n) - t(n)) and one-off = t(n) - t(1) - (n - 1) / tok/s; for
 the static loop, its own per-phase clock (``stats``): tok/s = steps / decode seconds, one-off = the eager
@@ -153,7 +154,15 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (tok/s counts every row)")
     ap.add_argument("--tuned", default=None, help="JSON of kernel configs from benchmarks/kernels.py --tuned-json")
+    ap.add_argument("--batch1-kernel", default="kmajor",
+                    help="comma list of casp.kernels.BATCH1_KERNELS modes to time the casp model in (default kmajor)")
     args = ap.parse_args()
+    from casp.kernels import BATCH1_KERNELS, set_batch1_kernel
+
+    modes = args.batch1_kernel.split(",")
+    unknown = [m for m in modes if m not in BATCH1_KERNELS]
+    if unknown:
+        ap.error(f"unknown --batch1-kernel {unknown}; choose from {', '.join(BATCH1_KERNELS)}")
     tuned_note = "kernel configs: casp/kernels/uniform_config.py TUNED / defaults"
     if args.tuned:
         from casp.kernels import uniform_config
@@ -169,6 +178,12 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     import transformers
 
+    casp_label = f"casp {args.bits}-bit"
+    # (label, batch-1 kernel mode): the fp16 model, then one casp model switched between the modes
+    runs = [("fp16" if device == "cuda" else "fp32", None)] + [
+        (casp_label if modes == ["kmajor"] else f"{casp_label} {m}", m) for m in modes
+    ]
+    width = max(14, *(len(label) for label, _ in runs))
     head = [
         f"greedy decode at batch {args.batch}, LLaVA-1.5-7B language-model shape{' (TINY)' if args.tiny else ''}, "
         f"random {dtype} weights; prompt {args.prompt} tokens; n = {n} new tokens per call; median of {args.repeats}",
@@ -177,28 +192,34 @@ def main() -> None:
         "embedding and lm_head fp16",
         "generate: transformers' model.generate (eager steps); graph: casp.decode.static_greedy_generate (CUDA graph)",
         tuned_note,
+        f"casp model's batch-1 kernel modes (casp.kernels.set_batch1_kernel): {', '.join(modes)}; GPU MiB: "
+        "torch.cuda.memory_allocated after the row's runs",
         "tok/s: generate n / (t(2n) - t(n)), graph steps / decode seconds; call tok/s = n / t(n) (prefill, capture "
         "and all); one-off ms: generate t(n) - t(1) - (n - 1) / tok/s, graph its eager first step + capture",
         "",
-        f"{'model':<14} {'way':<9} {'tok/s':>8} {'ms/token':>9} {'x fp16 gen':>10} {'call tok/s':>10} "
-        f"{'prefill ms':>10} {'one-off ms':>10}",
+        f"{'model':<{width}} {'way':<9} {'tok/s':>8} {'ms/token':>9} {'x fp16 gen':>10} {'call tok/s':>10} "
+        f"{'prefill ms':>10} {'one-off ms':>10} {'GPU MiB':>8}",
     ]
     print("\n".join(head), flush=True)
     rows, checks, results = [], [], {}
     prompt = torch.randint(1, 256 if args.tiny else 32000, (args.batch, args.prompt),
                            generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
-    labels = ("fp16" if device == "cuda" else "fp32", f"casp {args.bits}-bit")
-    for label in labels:
-        model = build_model(args.tiny, device, dtype)
-        if label.startswith("casp"):
-            quantize_random(model, args.bits)
+    model = None
+    for label, mode in runs:
+        if mode is None or model is None:
+            model = build_model(args.tiny, device, dtype)
+            if mode is not None:
+                quantize_random(model, args.bits)
+        if mode is not None:
+            set_batch1_kernel(model, mode)
         for way in ways:
             r = measure(model, prompt, n, way, args.repeats)
             results[(label, way)] = r
-            base = results[(labels[0], "generate")]["tok_s"]  # fp16 through generate, this run
-            line = (f"{label:<14} {way:<9} {r['tok_s']:8.1f} {r['ms_token']:9.2f} {r['tok_s'] / base:9.2f}x "
-                    f"{r['call_tok_s']:10.1f} {r['prefill_ms']:10.1f} {r['setup_ms']:10.1f}")
+            base = results[(runs[0][0], "generate")]["tok_s"]  # fp16 through generate, this run
+            mib = f"{torch.cuda.memory_allocated() / 2**20:8.0f}" if device == "cuda" else f"{'-':>8}"
+            line = (f"{label:<{width}} {way:<9} {r['tok_s']:8.1f} {r['ms_token']:9.2f} {r['tok_s'] / base:9.2f}x "
+                    f"{r['call_tok_s']:10.1f} {r['prefill_ms']:10.1f} {r['setup_ms']:10.1f} {mib}")
             print(line, flush=True)
             rows.append(line)
         fast = ways[1]
@@ -207,9 +228,11 @@ def main() -> None:
         g, h = results[(label, fast)]["tokens"], results[(label, "generate")]["tokens"]
         checks.append(f"{label}: {fast} tokens equal the eager static loop's: {torch.equal(g, eager)}; "
                       f"leading tokens agreeing with generate: {agree(g, h)} of {n}")
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        if mode is None:
+            del model
+            model = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
     tail = ["", "checks:"] + ["  " + c for c in checks] + [f"total {time.time() - t0:.0f}s"]
     print("\n".join(tail), flush=True)
     if args.out:

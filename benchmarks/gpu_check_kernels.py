@@ -11,6 +11,7 @@ an output is not finite.
     python benchmarks/gpu_check_kernels.py [--out FILE]
     python benchmarks/gpu_check_kernels.py --only slab --out FILE   # the slab-layout batch-1 kernels only
     python benchmarks/gpu_check_kernels.py --only kmajor --out FILE # the K-major batch-1 kernel only
+    python benchmarks/gpu_check_kernels.py --only kmajor-only --out FILE  # every batch on the K-major layout
 
 The slab kernels (casp/kernels/triton_slab.py, paths "slab" and "slab16") are checked for 2/4/8 bits on
 every shape, group 128 / per-channel / odd groups, act-order, fp16 and bf16, bias, 1 and 3 rows, and
@@ -34,6 +35,7 @@ from casp import kernels  # noqa: E402
 from casp.kernels import triton_uniform as tu  # noqa: E402
 from casp.kernels.uniform_config import KernelConfig as C  # noqa: E402
 from casp.quant.linear import QuantLinear  # noqa: E402
+from casp.quant.uniform import UniformWeight  # noqa: E402
 
 BIG = [(4096, 4096), (11008, 4096), (4096, 11008), (13824, 5120), (5120, 13824)]
 ODD = [(576, 576, 128), (1000, 200, 64), (33, 100, -1), (96, 4096, 48), (250, 1000, 128), (40, 72, 8)]
@@ -146,6 +148,68 @@ def kmajor_cases():
     return out
 
 
+def kmajor_only_cases():
+    """Cases of "kmajor-only" mode (casp/kernels/triton_kmajor_mm.py: the K-major layout at every batch size):
+    path "konly" (kmajor_linear's own choice) or "konly:tc" / "konly:dequant" forced; 2/4 bits, the 7B/13B shapes
+    and odd ones, group 128 / per-channel / small groups, act-order, fp16 and bf16, bias, 1 to 2048 rows."""
+    out = []
+    for N, K in BIG:
+        for bits in (2, 4):
+            for group in (128, -1):
+                for M in (1, 4, 16, 64, 2048):
+                    out.append((N, K, group, bits, group == 128, torch.float16, M, "konly", M == 4))
+    for N, K in BIG[1:3]:
+        for bits in (2, 4):
+            for M in (1, 16, 2048):
+                out.append((N, K, 128, bits, True, torch.bfloat16, M, "konly", True))
+            for M, path in ((1, "konly:tc"), (3, "konly:tc"), (100, "konly:tc"), (3, "konly:dequant")):
+                out.append((N, K, 128, bits, False, torch.float16, M, path, False))
+    for N, K, group in ODD + [(300, 520, 40), (64, 4096, 256), (48, 75, -1), (1000, 96, 32)]:
+        for bits in (2, 4):
+            if group != -1 and group % (32 // bits):
+                continue
+            for M in (1, 5, 70):
+                out.append((N, K, group, bits, bits == 4, torch.float16, M, "konly", True))
+    return out
+
+
+def _kmajor_only(x, qw, g, bits, bias, path):
+    """kmajor_linear on a K-major copy of qw (path "konly" or "konly:<tc|dequant>")."""
+    from casp.kernels.slab_layout import make_kmajor_weight
+    from casp.kernels.triton_kmajor_mm import kmajor_linear
+
+    kw = make_kmajor_weight(qw.qweight, qw.scales, qw.zeros, qw.perm, bits, g, x.shape[1])
+    return kmajor_linear(x, kw, bias, path.partition(":")[2] or None)
+
+
+def kmajor_only_memory_check() -> tuple[bool, str]:
+    """A stack of 4 QuantLinear 4096x4096 (2 bits) on the GPU: GPU memory with the stored layout, after a batch-1
+    call in the default mode (which adds the K-major copy), and in "kmajor-only" mode; the outputs of both modes."""
+    from casp.kernels.slab_layout import kernel_copy_bytes
+
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    model = torch.nn.Sequential(*[QuantLinear.from_weight(make_layer(4096, 4096, 2, 128, "cuda", seed=i))
+                                  for i in range(4)])  # fmt: skip
+    stored = torch.cuda.memory_allocated() - base
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16) * 0.05
+    x16 = torch.randn(16, 4096, device="cuda", dtype=torch.float16) * 0.05
+    with torch.no_grad():
+        y1, y16 = model(x), model(x16)
+        both = torch.cuda.memory_allocated() - base
+        kernels.set_batch1_kernel(model, "kmajor-only")
+        torch.cuda.empty_cache()
+        only = torch.cuda.memory_allocated() - base
+        k1, k16 = model(x), model(x16)
+    rel = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in ((k1, y1), (k16, y16)))
+    # (the outputs and the split-K counters, allocated by the first calls, add well under 2 MiB)
+    ok = only - stored < 2**21 and both - stored > 0.9 * stored and rel < 3e-3 and kernel_copy_bytes(model) > 0
+    line = (f"{'OK ' if ok else 'FAIL'} kmajor-only memory, 4 x QuantLinear 4096x4096 2-bit: stored layout "
+            f"{stored / 2**20:.1f} MiB, default mode after a batch-1 call {both / 2**20:.1f} MiB, kmajor-only "
+            f"{only / 2**20:.1f} MiB; outputs vs the default mode (1 and 16 rows) rel {rel:.1e}")
+    return ok, line
+
+
 def _path_cfg(path):
     """(path, KernelConfig or None) of a case's path string "name|bn|bk|warps|split[|stages]"."""
     if path is None or "|" not in path:
@@ -157,8 +221,10 @@ def _path_cfg(path):
 
 
 def _run(x, qw, g, bits, bias, path):
-    """(output, name) of one case: a forced kernel path, the dispatch (path None), or the dispatch with a
-    given batch-1 kernel ("m1:<kernel>")."""
+    """(output, name) of one case: a forced kernel path, the dispatch (path None), the dispatch with a
+    given batch-1 kernel ("m1:<kernel>"), or the K-major layout alone ("konly[:path]")."""
+    if path is not None and path.startswith("konly"):
+        return _kmajor_only(x, qw, g, bits, bias, path), path
     if path is None or path.startswith("m1:"):
         m1 = None if path is None else path[3:]
         default_m1 = tu.cfgs.GEMV_M1
@@ -189,8 +255,11 @@ def _warm(case) -> str:
     x = torch.randn(M, K, dtype=dtype, device="cuda")
     b = torch.zeros(N, dtype=dtype, device="cuda") if bias else None
     try:
-        name, cfg = _path_cfg(path)
-        tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, b, name, cfg)
+        if path is not None and path.startswith("konly"):
+            _kmajor_only(x, UniformWeight(qweight, scales, zeros, (N, K), bits, group), group, bits, b, path)
+        else:
+            name, cfg = _path_cfg(path)
+            tu.uniform_linear(x, qweight, scales, zeros, None, bits, group, b, name, cfg)
         torch.cuda.synchronize()
     except Exception as e:  # reported again (as a failed case) when the case runs in the parent
         return f"{type(e).__name__}"
@@ -246,13 +315,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=14)
-    ap.add_argument("--only", choices=["all", "slab", "kmajor", "old", "chain"], default="all",
+    ap.add_argument("--only", choices=["all", "slab", "kmajor", "kmajor-only", "old", "chain"], default="all",
                     help="which kernels to check (chain: the PDL chain check alone)")
     args = ap.parse_args()
     all_cases = {
-        "all": cases() + slab_cases() + kmajor_cases(),
+        "all": cases() + slab_cases() + kmajor_cases() + kmajor_only_cases(),
         "slab": slab_cases(),
         "kmajor": kmajor_cases(),
+        "kmajor-only": kmajor_only_cases(),
         "old": cases(),
         "chain": [],
     }[args.only]
@@ -316,6 +386,14 @@ def main() -> None:
     fails += not ql_ok
     lines.append(f"{'OK ' if ql_ok else 'FAIL'} QuantLinear [2, 7, 576] through casp.kernels.linear")
     n_checks = len(all_cases) + 1
+    if args.only in ("all", "kmajor-only"):
+        ok, line = kmajor_only_memory_check()
+        fails += not ok
+        n_checks += 1
+        lines.append(line)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
     if args.only in ("all", "kmajor", "chain"):
         for ok, line in pdl_chain_checks():
             fails += not ok

@@ -115,6 +115,7 @@ def test_cli_generate_options(tiny_dirs, capsys):
     base = ["generate", str(tiny_dirs["llama"]), "--prompt", "hello there"]
     options = ["--max-new-tokens", "3", "--no-cuda-graph", "--dtype", "float32", "--batch1-kernel", "gemv"]
     assert main(base + options) == 0
+    assert main(base + options[:-1] + ["kmajor-only"]) == 0  # on the CPU the torch path runs: the mode is a no-op
     assert main(base + ["--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
 

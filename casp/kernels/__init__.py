@@ -7,7 +7,9 @@
   gemv; tensor-core dot for small batches; dequantize + cuBLAS for prefill). The batch-1 kernel is
   ``uniform_config.GEMV_M1`` unless :func:`set_batch1_kernel` chose another for a model; the repacked layouts
   it may use are made once, on first use, and kept on the weight's ``qweight`` tensor (one more copy of the
-  packed codes, scales and zeros; ``set_batch1_kernel(model, "gemv")`` avoids it);
+  packed codes, scales and zeros; ``set_batch1_kernel(model, "gemv")`` avoids it, and
+  ``set_batch1_kernel(model, "kmajor-only")`` keeps the K-major copy *instead* of the stored one on the GPU and
+  runs every batch size on it, casp.kernels.triton_kmajor_mm);
 * anything else (CPU, fp32 activations, other formats, no Triton) -> ``qw.matmul(x)`` (+ bias), the
   dequantize-then-matmul reference path.
 
@@ -17,10 +19,15 @@ Triton is imported only when a GPU call needs it, so CPU-only installs without T
 from __future__ import annotations
 
 import importlib.util
+import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from casp.quant.base import QuantizedWeight
+
+if TYPE_CHECKING:
+    from casp.kernels.slab_layout import KMajorWeight
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -28,6 +35,11 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 def triton_available() -> bool:
     """True if the triton package can be imported (it is not needed on CPU)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """Under Triton's CPU interpreter (TRITON_INTERPRET=1): CPU tensors allowed, no inline PTX."""
+    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
 
 def kernel_for(x: torch.Tensor, qw: QuantizedWeight) -> str | None:
@@ -59,16 +71,49 @@ def linear(
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def kmajor_only_weight(qw: QuantizedWeight) -> KMajorWeight | None:
+    """The K-major copy of ``qw`` on its device if "kmajor-only" mode applies to it, else None.
+
+    It applies to "uniform" weights of 2 or 4 bits with groups of whole words, on a CUDA device with Triton
+    (or under Triton's CPU interpreter, which the tests use).
+    """
+    from casp.kernels.slab_layout import make_kmajor_weight, slab_words
+
+    if qw.format != "uniform" or qw.bits not in (2, 4):
+        return None
+    K = qw.shape[1]
+    on_gpu = qw.qweight.is_cuda and triton_available()
+    if slab_words(qw.bits, qw.group_size, K) is None or not (on_gpu or triton_interpreting()):
+        return None
+    return make_kmajor_weight(qw.qweight, qw.scales, qw.zeros, qw.perm, qw.bits, qw.group_size, K)
+
+
+def linear_kmajor(x: torch.Tensor, kw: KMajorWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b for a weight held in the K-major layout alone (x on its device): the K-major kernels for
+    fp16/bf16, else W dequantized from the K-major copy (torch)."""
+    if x.dtype in _KERNEL_DTYPES and (x.is_cuda or triton_interpreting()):
+        from casp.kernels.triton_kmajor_mm import kmajor_linear
+
+        return kmajor_linear(x, kw, None if bias is None else bias.to(x.dtype))
+    xs = x if kw.perm is None else x.index_select(-1, kw.perm)
+    return torch.nn.functional.linear(xs, kw.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 BATCH1_KERNELS = {
     "kmajor": "the fastest at batch 1 (fp16, 2 and 4 bits); keeps a K-major copy of each weight's codes",
     "gemv": "reads the stored layout: no second copy, 7-43% slower per layer at batch 1 (kernels_kmajor_h200.txt)",
+    "kmajor-only": "kmajor's batch-1 kernel and gemv's footprint: the K-major copy replaces the stored codes on the "
+    "GPU (they wait in CPU memory) and serves every batch size (its prefill kernels are not yet timed on a GPU)",
 }
 
 
 def set_batch1_kernel(model: torch.nn.Module, kernel: str) -> int:
     """Use ``kernel`` (a key of BATCH1_KERNELS) for the one-row matmuls of every QuantLinear in ``model``.
 
-    Choosing "gemv" also frees the repacked copies the K-major kernel made. Returns the layers set.
+    Choosing "gemv" also frees the repacked copies the K-major kernel made. "kmajor-only" puts each layer where
+    it applies (see :func:`kmajor_only_weight`; call it once the model is on its GPU) in the K-major layout alone:
+    the stored buffers move to CPU memory (state_dict and saving still read them) and come back when another
+    kernel is chosen or the model moves to another device. Returns the layers set.
     """
     from casp.kernels.slab_layout import drop_kernel_copies
     from casp.quant.linear import QuantLinear
@@ -77,7 +122,11 @@ def set_batch1_kernel(model: torch.nn.Module, kernel: str) -> int:
         raise ValueError(f"unknown batch-1 kernel {kernel!r}; choose one of {', '.join(BATCH1_KERNELS)}")
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in layers:
-        layer.batch1_kernel = kernel
-    if kernel == "gemv":
+        layer.stored_layout()
+        layer.batch1_kernel = "kmajor" if kernel == "kmajor-only" else kernel
+    if kernel != "kmajor":
         drop_kernel_copies(model)
+    if kernel == "kmajor-only":
+        for layer in layers:
+            layer.kmajor_layout_only()
     return len(layers)

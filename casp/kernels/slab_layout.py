@@ -28,6 +28,8 @@ Pure torch (no Triton): the repacking runs on whatever device the packed weight 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from casp.quant.packing import unpack_codes
@@ -153,6 +155,66 @@ def cached_kmajor(
     return packed
 
 
+@dataclass(frozen=True)
+class KMajorWeight:
+    """A "uniform" weight in the K-major layout alone: what a QuantLinear keeps on the GPU in "kmajor-only" mode.
+
+    ``words`` [n_slabs * wpg, N] and ``sz`` [G, N] as made by :func:`repack_kmajor` / :func:`pack_scale_zero`
+    (codes read as q 2^-pre, scales stored as s 2^pre), ``perm`` the act-order permutation (or None).
+    """
+
+    words: torch.Tensor
+    sz: torch.Tensor
+    pre: int
+    bits: int
+    group_size: int
+    in_features: int
+    wpg: int
+    perm: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.words.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.words, self.sz, self.perm) if t is not None)
+
+    def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (scales, zeros) [N, G] as stored (the power of two undone; exact: it is a power of two)."""
+        halves = self.sz.t().contiguous().view(torch.float16).float().view(self.out_features, -1, 2)
+        return halves[..., 0] * 2.0**-self.pre, halves[..., 1] * 2.0**self.pre
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense W [N, K] in stored column order, (q - z) s in fp32 (the reference for the K-major kernels)."""
+        codes = unpack_slabs(self.words.t().contiguous(), self.bits, self.in_features, self.wpg).float()
+        s, z = self.scale_zero()
+        g = torch.arange(self.in_features, device=codes.device) // self.group_size
+        return ((codes - z[:, g]) * s[:, g]).to(dtype)
+
+
+def make_kmajor_weight(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    K: int,
+) -> KMajorWeight:
+    """The K-major copy of a stored "uniform" weight (on its device). Needs 2 or 4 bits and groups of whole words."""
+    wpg = slab_words(bits, group_size, K)
+    if bits not in (2, 4) or wpg is None:
+        raise ValueError(f"the K-major layout takes 2 or 4 bits with groups of whole 32-bit words; got {bits} bits, "
+                         f"group {group_size}")  # fmt: skip
+    pre = kmajor_code_shift(scales)
+    return KMajorWeight(repack_kmajor(qweight, bits, K, wpg), pack_scale_zero(scales, zeros, pre), pre, bits,
+                        group_size, K, wpg, perm)  # fmt: skip
+
+
 def _kernel_copies(model: torch.nn.Module):
     """(buffer, attribute, tensors) of every repacked copy (slab, K-major) kept on ``model``'s buffers."""
     for buf in model.buffers():
@@ -164,8 +226,13 @@ def _kernel_copies(model: torch.nn.Module):
 
 
 def kernel_copy_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the repacked copies (slab, K-major) that kernels have attached to ``model``'s buffers."""
-    return sum(t.numel() * t.element_size() for _, _, tensors in _kernel_copies(model) for t in tensors)
+    """Bytes of the repacked copies that kernels keep: the slab / K-major copies attached to ``model``'s buffers,
+    and the K-major weights that replace the stored buffers on the GPU in "kmajor-only" mode."""
+    from casp.quant.linear import QuantLinear  # imports casp.kernels
+
+    attached = sum(t.numel() * t.element_size() for _, _, tensors in _kernel_copies(model) for t in tensors)
+    held = (m.kmajor_only for m in model.modules() if isinstance(m, QuantLinear))
+    return attached + sum(kw.nbytes() for kw in held if kw is not None)
 
 
 def drop_kernel_copies(model: torch.nn.Module) -> None:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from casp.kernels import uniform_config as cfgs
-from casp.kernels.slab_layout import cached_kmajor, n_slabs, slab_words
+from casp.kernels.slab_layout import KMajorWeight, cached_kmajor, n_slabs, slab_words
 from casp.kernels.triton_slab import _hadd2, _half_mac, _half_sum, _split_pair
 from casp.kernels.triton_uniform import _interpreting, _split_plan, _store_row
 from casp.kernels.uniform_config import KernelConfig
@@ -241,15 +241,25 @@ def kmajor_gemv(
 
     ``cfg.bk`` is the codes per row per loop step (rounded to whole words, at most one slab).
     """
-    M, K = x.shape
-    N, n_groups = scales.shape
+    K = x.shape[1]
     wpg = slab_words(bits, group_size, K)
     if bits not in KMAJOR_BITS or wpg is None or x.dtype != torch.float16:
         raise ValueError(f"the K-major kernel needs fp16 activations, 2 or 4 bits and a group size that is a "
                          f"multiple of the codes per word; got {x.dtype}, {bits} bits, group {group_size}: "
                          f"use path 'gemv'")  # fmt: skip
-    cfg = cfg or cfgs.pick_config("kmajor", bits, N, K, M, group_size)
     words, sz, pre = cached_kmajor(qweight, scales, zeros, bits, K, wpg)
+    return kmajor_gemv_packed(x, KMajorWeight(words, sz, pre, bits, group_size, K, wpg), bias, cfg)
+
+
+def kmajor_gemv_packed(
+    x: torch.Tensor, kw: KMajorWeight, bias: torch.Tensor | None = None, cfg: KernelConfig | None = None
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] W^T for fp16 x (already in stored column order) and a K-major weight."""
+    M, K = x.shape
+    N, bits, wpg = kw.out_features, kw.bits, kw.wpg
+    if x.dtype != torch.float16:
+        raise ValueError(f"the K-major GEMV multiplies half2 pairs: it needs fp16 activations, got {x.dtype}")
+    cfg = cfg or cfgs.pick_config("kmajor", bits, N, K, M, kw.group_size)
     bk = step_words(cfg, bits, wpg)
     S = wpg * 32 // bits
     T = n_slabs(K, bits, wpg)
@@ -267,10 +277,10 @@ def kmajor_gemv(
     hopper = (cfg.prefetch or cfg.pdl > 0) and _sm90(x.device)
     launch = {"launch_pdl": True} if hopper and cfg.pdl else {}
     _kmajor_gemv_kernel[(nb, split, M)](
-        xp, words, sz, bias if bias is not None else y, y, ws if ws is not None else y,
-        cnt if cnt is not None else words,
-        M, N, xp.shape[1], KW, per, group_size, xp.stride(0), y.stride(0),
-        BITS=bits, WPG=wpg, BK=bk, BN=cfg.bn, PRE=pre, TWO=bits == 4 and bk > 1, ASM=not _interpreting(),
+        xp, kw.words, kw.sz, bias if bias is not None else y, y, ws if ws is not None else y,
+        cnt if cnt is not None else kw.words,
+        M, N, xp.shape[1], KW, per, kw.group_size, xp.stride(0), y.stride(0),
+        BITS=bits, WPG=wpg, BK=bk, BN=cfg.bn, PRE=kw.pre, TWO=bits == 4 and bk > 1, ASM=not _interpreting(),
         EVEN=even, HAS_BIAS=bias is not None,
         SPLIT=split, STAGES=cfg.num_stages, PREFETCH=hopper and cfg.prefetch, PDL=cfg.pdl if hopper else 0,
         PF=triton.next_power_of_2(per), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,

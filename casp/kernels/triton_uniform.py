@@ -34,13 +34,12 @@ weight; no gather in the inner loop.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from casp.kernels import triton_interpreting as _interpreting
 from casp.kernels import uniform_config as cfgs
 from casp.kernels.uniform_config import KernelConfig, choose_path, pick_config, tc_supported, unit_geometry
 
@@ -572,11 +571,6 @@ def _dequant_kernel(
 # both use split-K at the same time.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _N_COUNTERS = 1 << 16
-
-
-def _interpreting() -> bool:
-    """Under Triton's CPU interpreter (TRITON_INTERPRET=1): CPU tensors allowed, no inline PTX."""
-    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
 
 def _common(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, cfg: KernelConfig) -> dict:

@@ -9,7 +9,7 @@ for the format where one exists.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from casp import kernels
 from casp.quant import weight_from_state
 from casp.quant.base import QuantizedWeight
+
+if TYPE_CHECKING:
+    from casp.kernels.slab_layout import KMajorWeight
 
 
 class QuantLinear(nn.Module):
@@ -56,7 +59,49 @@ class QuantLinear(nn.Module):
         """The QuantizedWeight view of the current buffers (no copy)."""
         return weight_from_state({name: getattr(self, name) for name in self._packed}, self.meta)
 
+    def kmajor_layout_only(self, park: str | torch.device = "cpu") -> bool:
+        """Keep this layer's weight on its GPU in the K-major layout alone (casp.kernels.set_batch1_kernel's
+        "kmajor-only"): the stored buffers move to ``park`` (CPU memory), where state_dict and saving read them.
+
+        Returns False, changing nothing, where the layout does not apply (casp.kernels.kmajor_only_weight).
+        """
+        if "_kmajor_only" in self.__dict__:
+            return True
+        kw = kernels.kmajor_only_weight(self.quantized_weight())
+        if kw is None:
+            return False
+        for name in self._packed:
+            setattr(self, name, getattr(self, name).to(park))
+        self.__dict__["_kmajor_only"] = (self._stored_key(), kw)
+        return True
+
+    @property
+    def kmajor_only(self) -> KMajorWeight | None:
+        """The K-major weight this layer runs on in "kmajor-only" mode, else None."""
+        held = self.__dict__.get("_kmajor_only")
+        return None if held is None else held[1]
+
+    def stored_layout(self) -> None:
+        """Leave "kmajor-only" mode: the stored buffers come back to the K-major copy's device, which is dropped."""
+        held = self.__dict__.pop("_kmajor_only", None)
+        if held is not None:
+            for name in self._packed:
+                setattr(self, name, getattr(self, name).to(held[1].device))
+
+    def _stored_key(self) -> tuple:
+        """Identity and version of the stored buffers: a load_state_dict into them makes the K-major copy stale."""
+        return tuple((getattr(self, n).data_ptr(), getattr(self, n)._version) for n in self._packed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        held = self.__dict__.get("_kmajor_only")
+        if held is not None and x.device == held[1].device:
+            if held[0] != self._stored_key():  # the stored codes were reloaded (load_state_dict): repack them
+                park = getattr(self, self._packed[0]).device
+                self.stored_layout()
+                if not self.kmajor_layout_only(park):
+                    return self.forward(x)
+                held = self.__dict__["_kmajor_only"]
+            return kernels.linear_kmajor(x, held[1], self.bias)
         dense = self.__dict__.get("_dense")
         if dense is not None and dense.device == x.device and dense.dtype == x.dtype:
             y = torch.nn.functional.linear(x, dense)
@@ -67,6 +112,16 @@ class QuantLinear(nn.Module):
         return kernels.linear(x, self.quantized_weight(), self.bias, self.batch1_kernel)
 
     def _apply(self, fn, recurse=True):
+        held = self.__dict__.get("_kmajor_only")
+        if held is not None:
+            if fn(held[1].words[:0]).device == held[1].device:
+                # kmajor-only on the same device (e.g. .half(), .to(its GPU)): the stored buffers stay parked
+                parked = {name: self._buffers.pop(name) for name in self._packed}
+                try:
+                    return super()._apply(fn, recurse)
+                finally:
+                    self._buffers.update(parked)
+            del self.__dict__["_kmajor_only"]  # moved away: the stored buffers follow, in the stored layout
         # nn.Module.to(dtype) casts every floating tensor; the packed format fixes its own dtypes.
         dtypes = {name: getattr(self, name).dtype for name in self._packed}
         super()._apply(fn, recurse)
