@@ -232,10 +232,10 @@ _COMPILE = textwrap.dedent(
 
     for dt in ("fp16", "bf16"):
         for bits, wpg, bm, split in ((2, 8, 16, 4), (4, 16, 64, 1), (2, 2, 32, 2), (4, 4, 16, 1)):
-            c = build(tc, {"x_ptr": "*" + dt, "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*" + dt, "y_ptr": "*" + dt,
+            c = build(tc, {"x_ptr": "*i32", "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*" + dt, "y_ptr": "*" + dt,
                            "ws_ptr": "*fp32", "cnt_ptr": "*i32"},
                       {"BITS": bits, "WPG": wpg, "PRE": 4, "HAS_BIAS": True, "BM": bm, "BN": 64, "SPLIT": split,
-                       "F32_DOT": False}, 4)
+                       "XBF16": dt == "bf16", "F32_DOT": False}, 4)
             assert c.asm["cubin"] and "mma" in c.asm["ptx"]  # the slab's products on tensor cores
             c = build(dq, {"w_ptr": "*i32", "sz_ptr": "*i32", "out_ptr": "*" + dt},
                       {"BITS": bits, "WPG": wpg, "PRE": 4, "BN": 128}, 4)

@@ -263,11 +263,7 @@ def kmajor_gemv_packed(
     bk = step_words(cfg, bits, wpg)
     S = wpg * 32 // bits
     T = n_slabs(K, bits, wpg)
-    xp = x if K % 2 == 0 else F.pad(x, (0, 1))  # whole column pairs
-    xp = xp.contiguous()
-    if xp.storage_offset() % 2:
-        xp = xp.clone()  # a 32-bit view needs 4-byte alignment
-    xp = xp.view(torch.int32)  # [M, ceil(K/2)] pairs of fp16
+    xp = column_pairs(x)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     nb = triton.cdiv(N, cfg.bn)
     KW = T * wpg
@@ -286,6 +282,15 @@ def kmajor_gemv_packed(
         PF=triton.next_power_of_2(per), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )  # fmt: skip
     return y
+
+
+def column_pairs(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (16-bit) as int32 column pairs [M, ceil(K / 2)], an odd K padded with a zero column."""
+    xp = x if x.shape[1] % 2 == 0 else F.pad(x, (0, 1))
+    xp = xp.contiguous()
+    if xp.storage_offset() % 2:
+        xp = xp.clone()  # a 32-bit view needs 4-byte alignment
+    return xp.view(torch.int32)
 
 
 def _sm90(device: torch.device) -> bool:

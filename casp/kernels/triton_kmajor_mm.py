@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 from casp.kernels.slab_layout import KMajorWeight
+from casp.kernels.triton_kmajor import column_pairs, kmajor_gemv_packed
+from casp.kernels.triton_slab import _split_pair
 from casp.kernels.triton_uniform import _interpreting, _split_plan, _split_reduce
 from casp.kernels.uniform_config import DOT_MAX_M, KernelConfig
 
@@ -52,11 +54,15 @@ def _slab_codes(w, HI: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _kmajor_tc_kernel(
     x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, T, slabs_per_split, GROUP, stride_xm, stride_ym,
+    M, N, KH, T, slabs_per_split, GROUP, stride_xm, stride_ym,
     BITS: tl.constexpr, WPG: tl.constexpr, PRE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, XBF16: tl.constexpr, F32_DOT: tl.constexpr,
 ):  # fmt: skip
-    """y[rm, rn] = x[rm] W[rn]^T from the K-major words [T WPG, N]: BM x BN outputs, slabs split over program_id(2)."""
+    """y[rm, rn] = x[rm] W[rn]^T from the K-major words [T WPG, N]: BM x BN outputs, slabs split over program_id(2).
+
+    x_ptr: the activations as int32 column pairs [M, KH] (fp16 or bf16 halves): one 4-byte load gives the even
+    and the odd column of a pair.
+    """
     SP: tl.constexpr = (16 // BITS) * WPG  # column pairs per slab
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -72,16 +78,15 @@ def _kmajor_tc_kernel(
     t_hi = tl.minimum(t_lo + slabs_per_split, T)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     # codes are exact in fp16/bf16 (F32_DOT: Triton's interpreter, whose bf16 dot is wrong, multiplies in fp32)
-    dot_t: tl.constexpr = tl.float32 if F32_DOT else x_ptr.dtype.element_ty
+    dot_t: tl.constexpr = tl.float32 if F32_DOT else (tl.bfloat16 if XBF16 else tl.float16)
     for t in range(t_lo, t_hi):
         w = tl.load(w_ptr + (t * WPG + rv)[:, None].to(tl.int64) * N + rn[None, :], mask=nmask[None, :], other=0)
-        col = t * 2 * SP + 2 * rp  # the even column of each pair
-        xmask = mmask[:, None] & (col < K)[None, :]
-        x_even = tl.load(x_rows + col[None, :], mask=xmask, other=0.0)  # [BM, SP]
-        x_odd = tl.load(x_rows + col[None, :] + 1, mask=xmask & (col + 1 < K)[None, :], other=0.0)
+        pair = t * SP + rp
+        x2 = tl.load(x_rows + pair[None, :], mask=mmask[:, None] & (pair < KH)[None, :], other=0)  # [BM, SP]
+        x_even, x_odd = _split_pair(x2, XBF16)  # fp32, exact
         d = tl.dot(x_even.to(dot_t), _slab_codes(w, 0, BITS).to(dot_t))
         d = tl.dot(x_odd.to(dot_t), _slab_codes(w, 1, BITS).to(dot_t), d)  # [BM, BN]
-        xs = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+        xs = tl.sum(x_even + x_odd, axis=1)
         s, z = _slab_scale_zero(sz_ptr, t, rn, nmask, N, GROUP, 2 * SP, PRE)
         acc += s[None, :] * (d - z[None, :] * xs[:, None])
     omask = mmask[:, None] & nmask[None, :]
@@ -147,12 +152,13 @@ def kmajor_tc(
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     nb, mb = triton.cdiv(N, cfg.bn), triton.cdiv(M, cfg.bm)
     per, split, ws, cnt = _split_plan(T, 1, cfg.split, nb * mb, M, N, x.device)
+    xp = column_pairs(x)
     _kmajor_tc_kernel[(nb, mb, split)](
-        x, kw.words, kw.sz, bias if bias is not None else y, y, ws if ws is not None else y,
+        xp, kw.words, kw.sz, bias if bias is not None else y, y, ws if ws is not None else y,
         cnt if cnt is not None else kw.words,
-        M, N, K, T, per, kw.group_size, x.stride(0), y.stride(0),
+        M, N, xp.shape[1], T, per, kw.group_size, xp.stride(0), y.stride(0),
         BITS=kw.bits, WPG=kw.wpg, PRE=kw.pre, HAS_BIAS=bias is not None, BM=cfg.bm, BN=cfg.bn, SPLIT=split,
-        F32_DOT=_interpreting() and x.dtype == torch.bfloat16,
+        XBF16=x.dtype == torch.bfloat16, F32_DOT=_interpreting() and x.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
@@ -177,8 +183,6 @@ def kmajor_linear(
     ``path`` forces "gemv" (batch-1 kernel, fp16 only), "tc" or "dequant"; None picks by the number of rows:
     the GEMV at one fp16 row, tensor cores up to uniform_config.DOT_MAX_M rows, else dequantize + cuBLAS.
     """
-    from casp.kernels.triton_kmajor import kmajor_gemv_packed  # imports triton_uniform, as this module does
-
     K = kw.in_features
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {K}")
