@@ -9,6 +9,9 @@
    the GPU, so the packed-weight Triton kernels run inside the graph): answers
    to held-out questions with ``casp.generate.generate`` on the graph path and with ``cuda_graph=False``
    (transformers' generate), and the seconds each took; then casp eval's VQA runner in batches of 8, both ways.
+3. ``casp eval --speed`` on the 2-bit demo model (``casp.eval.evaluate``, batch 1) in each packed-weight mode of
+   ``--batch1-kernel`` (kmajor, gemv, kmajor-only): VQA accuracy, answers against the kmajor mode's, decode and
+   prefill tokens/s, peak GPU memory, the kernels' copies and the weights held off the GPU.
 
     PYTHONPATH=. python benchmarks/gpu_check_graph_decode.py --out $OUT/gpu_check_graph_decode.txt
 """
@@ -136,6 +139,7 @@ def check_demo(lines: list[str], failures: list[str], n_questions: int, device: 
         print(lines[-1], flush=True)
         check_demo_eval(lines, failures, bits, model, processor, adapter, vqa, device)
         del model
+    check_demo_modes(lines, failures, tmp / "rtn2", vqa, device)
 
 
 def check_demo_eval(lines: list[str], failures: list[str], bits: int, model, processor, adapter, vqa: Path,
@@ -161,6 +165,39 @@ def check_demo_eval(lines: list[str], failures: list[str], bits: int, model, pro
                  f"{len(preds[True][0])}; VQA accuracy {preds[True][1]:.3f} vs {preds[False][1]:.3f}; "
                  f"{seconds[True]:.2f} s vs {seconds[False]:.2f} s ({seconds[False] / seconds[True]:.2f}x)")
     print(lines[-1], flush=True)
+
+
+def check_demo_modes(lines: list[str], failures: list[str], model_dir: Path, vqa: Path, device: str) -> None:
+    """casp eval --speed (batch 1) in each --batch1-kernel mode: answers agree, memory and speed recorded."""
+    from casp.eval.evaluate import evaluate
+    from casp.kernels import BATCH1_KERNELS
+
+    first = None
+    for mode in BATCH1_KERNELS:
+        try:
+            res = evaluate(model_dir, [f"vqa:{vqa}"], device=device, speed=True, speed_tokens=32, batch1_kernel=mode,
+                           batch_size=1, progress=False, prompt_suffix="")  # as the demo model was trained
+        except Exception as e:  # record and go on with the other modes
+            failures.append(f"eval --speed {mode}")
+            lines.append(f"demo model, RTN 2-bit, casp eval --speed --batch1-kernel {mode}: FAILED "
+                         f"{type(e).__name__}: {str(e)[:300]}")
+            print(lines[-1], flush=True)
+            continue
+        task = next(iter(res["tasks"].values()))
+        preds = [p["prediction"] for p in task["predictions"]]
+        first = first or (mode, preds)
+        same = sum(a == b for a, b in zip(preds, first[1]))
+        if same < 0.8 * len(preds):  # other kernels sum in another order: a few near-ties may flip, not more
+            failures.append(f"eval --speed {mode} answers")
+        sp = res["speed"]
+        mib = {k: sp.get(k, 0) / 2**20 for k in ("peak_memory_bytes", "kernel_copy_bytes", "offloaded_bytes")}
+        lines.append(f"demo model, RTN 2-bit, casp eval --speed --batch1-kernel {mode}: VQA accuracy "
+                     f"{task['vqa_accuracy']:.3f}, answers equal {first[0]}'s on {same} of {len(preds)}; decode "
+                     f"{sp['decode_tokens_per_s']:.1f} tok/s ({sp['decode_path']}), prefill "
+                     f"{sp['prefill_tokens_per_s']:.0f} tok/s; peak memory {mib['peak_memory_bytes']:.1f} MiB, "
+                     f"kernel copies {mib['kernel_copy_bytes']:.2f} MiB, off the device "
+                     f"{mib['offloaded_bytes']:.2f} MiB")
+        print(lines[-1], flush=True)
 
 
 def main() -> int:

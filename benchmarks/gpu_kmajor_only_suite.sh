@@ -2,12 +2,15 @@
 # "kmajor-only" mode (the K-major layout alone on the GPU, every batch size on it: casp/kernels/triton_kmajor_mm.py)
 # in one device call of at most 600 s, each step under its own time limit so that a part still leaves results:
 #   OUT=dir bash benchmarks/gpu_kmajor_only_suite.sh
-# 1. correctness: 182 cases against the fp32 reference and the torch path, and the GPU memory of the two modes;
-# 2. layer times of both modes next to fp16 F.linear, batch 1 to 2048 (kmajor_only.py);
-# 3. whole 7B-shaped model: decode tok/s, prefill of a 512-token prompt and GPU memory, fp16 vs both modes.
+# 1. correctness: 182 kernel cases against the fp32 reference and the torch path, and the GPU memory of both modes;
+# 2. the user's path: graph decode checks and `casp eval --speed` on the 2-bit demo model in each --batch1-kernel
+#    mode (answers, tok/s, peak memory), never run on a GPU before;
+# 3. layer times of both modes next to fp16 F.linear, batch 1 to 2048 (kmajor_only.py);
+# 4. whole 7B-shaped model: decode tok/s, prefill of a 512-token prompt and GPU memory, fp16 vs both modes.
 . "$(dirname "$0")/suite_env.sh"
-timeout 200 python3 benchmarks/gpu_check_kernels.py --only kmajor-only --out "$OUT/gpu_check_kmajor_only_$tag.txt"
-timeout 200 python3 benchmarks/kmajor_only.py --shapes 4096x4096,11008x4096,4096x11008 \
+timeout 180 python3 benchmarks/gpu_check_kernels.py --only kmajor-only --out "$OUT/gpu_check_kmajor_only_$tag.txt"
+timeout 90 python3 benchmarks/gpu_check_graph_decode.py --out "$OUT/gpu_check_graph_decode_$tag.txt"
+timeout 150 python3 benchmarks/kmajor_only.py --shapes 4096x4096,11008x4096,4096x11008 \
     --out "$OUT/kmajor_only_$tag.txt"
-timeout 180 python3 benchmarks/generate_7b.py --batch1-kernel kmajor,kmajor-only --prompt 512 --tokens 64 \
+timeout 170 python3 benchmarks/generate_7b.py --batch1-kernel kmajor,kmajor-only --prompt 512 --tokens 64 \
     --repeats 3 --out "$OUT/generate_7b_kmajor_only_$tag.txt"

@@ -8,7 +8,7 @@ import torch
 from casp.eval.errors import EvalError
 from casp.eval.evaluate import evaluate, parse_task_spec
 from casp.eval.results import SCHEMA_VERSION, load_results, make_results, method_info, save_results
-from casp.eval.speed import measure_speed, model_bytes
+from casp.eval.speed import measure_speed, model_bytes, offloaded_bytes
 from casp.models import get_adapter
 from tests.fixtures import build, make_image, make_tiny
 
@@ -143,7 +143,9 @@ def test_measure_speed_cpu():
         == sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     )
     assert "rss_delta_bytes" in out
-    assert out["decode_path"] == "generate" and out["kernel_copy_bytes"] == 0
+    assert out["decode_path"] == "generate" and out["kernel_copy_bytes"] == 0 and out["offloaded_bytes"] == 0
     with pytest.raises(EvalError, match="new_tokens"):
         measure_speed(model, inputs, new_tokens=1)
     assert model_bytes(torch.nn.Linear(4, 2, bias=False).half()) == 16
+    two = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False), torch.nn.Linear(2, 2, bias=False).to("meta"))
+    assert offloaded_bytes(two, torch.device("cpu")) == 16 and offloaded_bytes(two, torch.device("meta")) == 32

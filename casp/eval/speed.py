@@ -12,7 +12,8 @@ Two decode paths, the ones casp generate / casp eval run:
 Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over the runs; on CPU the bytes of
 parameters and buffers and the growth of the process's resident set size (RSS) during the runs. Both
 report ``kernel_copy_bytes``: the repacked copies of packed weights that the GPU kernels made (and keep)
-on their first call, which ``model_bytes`` does not count.
+on their first call, which ``model_bytes`` does not count, and ``offloaded_bytes``: the part of ``model_bytes``
+held off the inputs' device (in "kmajor-only" mode the stored codes, whose K-major copy the GPU runs on).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def model_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer (packed quantized buffers counted as stored)."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def offloaded_bytes(model: nn.Module, device: torch.device) -> int:
+    """Bytes of the parameters and buffers that are not on ``device`` (e.g. the stored codes that "kmajor-only"
+    mode parks in CPU memory, or weights offloaded by accelerate)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if t.device != device)
 
 
 def process_rss_bytes() -> int | None:
@@ -136,6 +144,7 @@ def measure_speed(
                    decode_tokens_per_s=batch * (new_tokens - 1) / decode_s,
                    total_tokens_per_s=batch * new_tokens / tn)
     out["model_bytes"] = model_bytes(model)
+    out["offloaded_bytes"] = offloaded_bytes(model, device)
     out["kernel_copy_bytes"] = kernel_copy_bytes(model)
     if device.type == "cuda":
         out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
@@ -172,7 +181,9 @@ def speed_line(speed: Mapping[str, Any]) -> str:
     return (f"speed ({speed['decode_path']}, batch {speed['batch_size']}, {speed['new_tokens']} new tokens, prompt "
             f"from {speed.get('prompt', '?')}): decode {speed['decode_tokens_per_s']:.1f} tok/s, prefill "
             f"{speed['prefill_tokens_per_s']:.0f} tok/s, {memory}, kernel copies "
-            f"{speed['kernel_copy_bytes'] / 2**20:.1f} MiB")
+            f"{speed['kernel_copy_bytes'] / 2**20:.1f} MiB"
+            + (f", {speed['offloaded_bytes'] / 2**20:.1f} MiB of weights off the device" if speed.get("offloaded_bytes")
+               else ""))
 
 
 def speed_sweep(
