@@ -386,22 +386,18 @@ def main() -> None:
     fails += not ql_ok
     lines.append(f"{'OK ' if ql_ok else 'FAIL'} QuantLinear [2, 7, 576] through casp.kernels.linear")
     n_checks = len(all_cases) + 1
+    extra = []  # (ok, line) of the checks that are not kernel cases
     if args.only in ("all", "kmajor-only"):
-        ok, line = kmajor_only_memory_check()
+        extra.append(kmajor_only_memory_check())
+    if args.only in ("all", "kmajor", "chain"):
+        extra += pdl_chain_checks()
+    for ok, line in extra:
         fails += not ok
         n_checks += 1
         lines.append(line)
         print(line, flush=True)
         if out:
             out.write(line + "\n")
-    if args.only in ("all", "kmajor", "chain"):
-        for ok, line in pdl_chain_checks():
-            fails += not ok
-            n_checks += 1
-            lines.append(line)
-            print(line, flush=True)
-            if out:
-                out.write(line + "\n")
     summary = [
         "worst max|y - torch path| per (path, bits): "
         + ", ".join(f"{p}/{b}: {e:.2e}" for (p, b), e in sorted(worst.items()))

@@ -14,7 +14,7 @@ from casp import kernels
 from casp.kernels import uniform_config as cfgs
 from casp.quant.linear import QuantLinear
 from casp.quant.uniform import UniformWeight
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_interpreter import needs_triton, run_compiled, run_interpreted
 
 
 def _layer(N=24, K=72, bits=3, group=32, act_order=True, seed=0) -> UniformWeight:
@@ -219,3 +219,67 @@ _INTERPRET_GEMV = textwrap.dedent(
 @needs_triton
 def test_stored_layout_gemv_kernel_under_triton_interpreter():
     run_interpreted(_INTERPRET_GEMV)
+
+
+_INTERPRET_TENSOR_CORE = textwrap.dedent(
+    """
+    import torch
+    from casp.kernels import triton_uniform as tu
+    from tests.test_kernels_slab import _layer
+    worst = {"tc": 0.0, "dot": 0.0}
+    # the tensor-core kernels of 2-64 rows: masked rows and activation rows, K split in one to three, a group
+    # inside every tile (tc's factored scales), groups smaller than a tile and 3 bits (dot), one group per row
+    for (N, K, group, M, split) in [(40, 576, 128, 3, 2), (33, 200, 40, 20, 1), (64, 256, 256, 5, 3),
+                                    (48, 96, 32, 17, 2)]:
+        for bits in (2, 3, 4):
+            qw = _layer(N, K, bits, group)
+            x, b = torch.randn(M, K).half(), torch.randn(N).half()
+            ref = x.double() @ qw.dequantize(torch.float64).T + b.double()
+            for path in ("tc", "dot"):
+                if path == "tc" and not tu.tc_supported(bits, group, qw.n_groups):
+                    continue
+                cfg = tu.KernelConfig(16, 32 if path == "tc" else 64, 4, 2, bm=16, split=split)
+                y = tu.uniform_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group, b, path, cfg)
+                worst[path] = max(worst[path], float((y.double() - ref).norm() / ref.norm()))
+    assert max(worst.values()) < 3e-3, worst
+    print("ok", worst)
+    """
+)
+
+
+@needs_triton
+def test_stored_layout_tensor_core_kernels_under_triton_interpreter():
+    run_interpreted(_INTERPRET_TENSOR_CORE)
+
+
+_COMPILE_TENSOR_CORE = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from casp.kernels.triton_uniform import _dot_kernel, _tc_kernel
+
+    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp16",
+            "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    variants = [(_tc_kernel, {"BITS": 2, "UC": 16, "ASM": True, "HAS_BIAS": True, "ONE_GROUP": False,
+                              "FACTORED": True, "BM": 16, "BN": 64, "BK": 128, "SPLIT": 4}),
+                (_tc_kernel, {"BITS": 4, "UC": 8, "ASM": True, "HAS_BIAS": False, "ONE_GROUP": True,
+                              "FACTORED": False, "BM": 64, "BN": 64, "BK": 64, "SPLIT": 1}),
+                (_dot_kernel, {"BITS": 3, "UC": 32, "UW": 3, "ASM": True, "ONE_GROUP": False, "HAS_BIAS": True,
+                               "BM": 32, "BN": 64, "BK": 128, "GSUB": 64, "SPLIT": 2})]
+    for kernel, const in variants:
+        sig = {n: "i32" for n in kernel.arg_names}
+        sig.update(ptrs)
+        sig.update({n: "constexpr" for n in const})
+        constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
+        c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        assert c.asm["cubin"] and "mma" in c.asm["ptx"]
+    print("ok")
+    """
+)
+
+
+@needs_triton
+def test_stored_layout_tensor_core_kernels_compile_for_sm90():
+    run_compiled(_COMPILE_TENSOR_CORE)

@@ -26,7 +26,7 @@ import triton.language as tl
 from casp.kernels.slab_layout import KMajorWeight
 from casp.kernels.triton_kmajor import column_pairs, kmajor_gemv_packed
 from casp.kernels.triton_slab import _split_pair
-from casp.kernels.triton_uniform import _interpreting, _split_plan, _split_reduce
+from casp.kernels.triton_uniform import _interpreting, _split_plan, _store_tile, _tile
 from casp.kernels.uniform_config import DOT_MAX_M, KernelConfig
 
 
@@ -64,13 +64,7 @@ def _kmajor_tc_kernel(
     and the odd column of a pair.
     """
     SP: tl.constexpr = (16 // BITS) * WPG  # column pairs per slab
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm = pid_m * BM + tl.arange(0, BM)
-    nmask = rn < N
-    mmask = rm < M
+    pid_n, pid_m, pid_s, rn, rm, nmask, mmask = _tile(M, N, BM, BN)
     rv = tl.arange(0, WPG)
     rp = tl.arange(0, SP)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
@@ -89,16 +83,8 @@ def _kmajor_tc_kernel(
         xs = tl.sum(x_even + x_odd, axis=1)
         s, z = _slab_scale_zero(sz_ptr, t, rn, nmask, N, GROUP, 2 * SP, PRE)
         acc += s[None, :] * (d - z[None, :] * xs[:, None])
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT > 1:
-        off = rm[:, None] * N + rn[None, :]
-        acc, last = _split_reduce(
-            acc, ws_ptr, cnt_ptr, off, omask, pid_n * tl.num_programs(1) + pid_m, pid_s, M * N, SPLIT
-        )
-        omask = omask & last
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=omask)
+    _store_tile(acc, y_ptr, b_ptr, ws_ptr, cnt_ptr, rm, rn, mmask, nmask, pid_n, pid_m, pid_s, M, N, stride_ym,
+                HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -130,7 +116,8 @@ def kmajor_tc_supported(bits: int, wpg: int) -> bool:
 
 
 def default_tc_config(M: int, N: int, T: int) -> KernelConfig:
-    """64 rows x (16-64) activation rows per program; enough K splits (whole slabs) to give 132 SMs 4 programs."""
+    """64 rows x (16-64) activation rows per program; enough K splits (whole slabs) to give 132 SMs 4 programs
+    (bk is unused: a loop step is one slab)."""
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
     bn = 64
     tiles = -(-N // bn) * -(-M // bm)

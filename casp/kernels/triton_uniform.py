@@ -342,6 +342,35 @@ def _store_row(y, y_ptr, b_ptr, ws_ptr, cnt_ptr, m, rn, nmask, pid_n, pid_s, M, 
 
 
 @triton.jit
+def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Tensor-core prologue (grid: row blocks, activation-row blocks, K splits): the program's ids, its outputs rn,
+    activation rows rm, and their masks."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    return pid_n, pid_m, pid_s, rn, rm, rn < N, rm < M
+
+
+@triton.jit
+def _store_tile(acc, y_ptr, b_ptr, ws_ptr, cnt_ptr, rm, rn, mmask, nmask, pid_n, pid_m, pid_s, M, N, stride_ym,
+                HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Tensor-core epilogue: acc [BM, BN] (fp32) of rows rm and outputs rn -> split-K sum, + bias, stored by the last
+    split (grid: row blocks, activation-row blocks, splits)."""
+    omask = mmask[:, None] & nmask[None, :]
+    if SPLIT > 1:
+        off = rm[:, None] * N + rn[None, :]
+        acc, last = _split_reduce(
+            acc, ws_ptr, cnt_ptr, off, omask, pid_n * tl.num_programs(1) + pid_m, pid_s, M * N, SPLIT
+        )
+        omask = omask & last
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _group_params(s_ptr, z_ptr, rn, nmask, k0, G, GROUP, stride_sn, NGT: tl.constexpr, GSUB: tl.constexpr):
     """fp32 scales and zeros [BN, NGT] of the NGT column chunks starting at k0."""
     g = (k0 + tl.arange(0, NGT) * GSUB) // GROUP
@@ -411,13 +440,7 @@ def _dot_kernel(
     """y[rm, rn] = x[rm] W[rn]^T on tensor cores, the weight tile unpacked in registers; K split program_id(2)."""
     BU: tl.constexpr = BK // UC
     NGT: tl.constexpr = BK // GSUB
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm = pid_m * BM + tl.arange(0, BM)
-    nmask = rn < N
-    mmask = rm < M
+    pid_n, pid_m, pid_s, rn, rm, nmask, mmask = _tile(M, N, BM, BN)
     rk = tl.arange(0, BK)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
     u_lo = pid_s * units_per_split
@@ -449,17 +472,8 @@ def _dot_kernel(
         s = tl.load(s_ptr + rn.to(tl.int64) * stride_sn, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn.to(tl.int64) * stride_sn, mask=nmask, other=0.0).to(tl.float32)
         acc = s[None, :] * (acc - z[None, :] * xacc[:, None])
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT > 1:
-        off = rm[:, None] * N + rn[None, :]
-        acc, last = _split_reduce(
-            acc, ws_ptr, cnt_ptr, off, omask, pid_n * tl.num_programs(1) + pid_m, pid_s, M * N, SPLIT
-        )
-        omask = omask & last
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    _store_tile(acc, y_ptr, b_ptr, ws_ptr, cnt_ptr, rm, rn, mmask, nmask, pid_n, pid_m, pid_s, M, N, stride_ym,
+                HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -477,13 +491,7 @@ def _tc_kernel(
     zeros are looked up per packed word and applied while decoding.
     """
     BU: tl.constexpr = BK // UC
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm = pid_m * BM + tl.arange(0, BM)
-    nmask = rn < N
-    mmask = rm < M
+    pid_n, pid_m, pid_s, rn, rm, nmask, mmask = _tile(M, N, BM, BN)
     rk = tl.arange(0, BK)
     # pair order: tile column u*UC + 2j + h holds code j + h*UC/2 of word u; x is put in the same order
     ru = tl.arange(0, BU)
@@ -526,18 +534,8 @@ def _tc_kernel(
         sc = tl.load(s_ptr + s_rows, mask=nmask[:, None], other=0.0).to(tl.float32)
         zc = tl.load(z_ptr + s_rows, mask=nmask[:, None], other=0.0).to(tl.float32)
         acc = sc * (acc - zc * xacc[None, :])
-    acc = tl.trans(acc)
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT > 1:
-        off = rm[:, None] * N + rn[None, :]
-        acc, last = _split_reduce(
-            acc, ws_ptr, cnt_ptr, off, omask, pid_n * tl.num_programs(1) + pid_m, pid_s, M * N, SPLIT
-        )
-        omask = omask & last
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    _store_tile(tl.trans(acc), y_ptr, b_ptr, ws_ptr, cnt_ptr, rm, rn, mmask, nmask, pid_n, pid_m, pid_s, M, N,
+                stride_ym, HAS_BIAS, SPLIT)
 
 
 @triton.jit
