@@ -58,6 +58,15 @@ def test_repack_matches_the_slab_formula(bits, K, group):
     assert group >= K or group % S == 0
 
 
+@pytest.mark.parametrize("chunk", [1, 1152, 2880])  # codes: 1, 2 and 5 rows of 576
+def test_repack_in_row_chunks_equals_one_pass(monkeypatch, chunk):
+    """The repack bounds its temporary memory by working through the rows in chunks (1 row, 2, 5 ...)."""
+    qw = _layer(N=37, K=576, bits=2, group=128)
+    whole = sl.repack_slabs(qw.qweight, 2, 576, 8)
+    monkeypatch.setattr(sl, "REPACK_CHUNK", chunk)
+    assert torch.equal(sl.repack_slabs(qw.qweight, 2, 576, 8), whole)
+
+
 def test_slab_words_choices():
     assert sl.slab_words(2, 128, 4096) == 8 and sl.slab_words(4, 128, 4096) == 16 and sl.slab_words(8, 128, 4096) == 32
     assert sl.slab_words(2, 4096, 4096) == 8  # one group per row
