@@ -40,15 +40,26 @@ def _slab_scale_zero(sz_ptr, t, rn, nmask, N, GROUP, S: tl.constexpr, PRE: tl.co
 
 
 @triton.jit
-def _slab_codes(w, HI: tl.constexpr, BITS: tl.constexpr):
-    """Codes [SP, BN] (int32) of the low (even columns) or high (odd) halves of a slab's words w [WPG, BN], in pair
-    order: row J WPG + v is field J of word v."""
+def _slab_codes(w, HI: tl.constexpr, BITS: tl.constexpr, XBF16: tl.constexpr, F32_DOT: tl.constexpr):
+    """Codes [SP, BN] of the low (even columns) or high (odd) halves of a slab's words w [WPG, BN], in pair order
+    (row J WPG + v is field J of word v), as the dot's operand type.
+
+    A code q is put under the mantissa of 1024 (fp16, 0x6400) or 128 (bf16, 0x4300), whose last place is 1, and
+    that number subtracted: exact, and no int -> float conversion (a quarter-rate instruction). F32_DOT (Triton's
+    interpreter, whose bf16 arithmetic is wrong): the subtraction in fp32.
+    """
     HP: tl.constexpr = 16 // BITS
     WPG: tl.constexpr = w.shape[0]
     BN: tl.constexpr = w.shape[1]
     shift = (tl.arange(0, HP) * BITS + 16 * HI)[:, None, None]
-    q = (tl.broadcast_to(w[None, :, :], [HP, WPG, BN]) >> shift) & ((1 << BITS) - 1)
-    return tl.reshape(q, [HP * WPG, BN])
+    q = tl.reshape((tl.broadcast_to(w[None, :, :], [HP, WPG, BN]) >> shift) & ((1 << BITS) - 1), [HP * WPG, BN])
+    if XBF16 and F32_DOT:
+        c = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32) - 128.0
+    elif XBF16:
+        c = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        c = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    return c
 
 
 @triton.jit
@@ -78,8 +89,8 @@ def _kmajor_tc_kernel(
         pair = t * SP + rp
         x2 = tl.load(x_rows + pair[None, :], mask=mmask[:, None] & (pair < KH)[None, :], other=0)  # [BM, SP]
         x_even, x_odd = _split_pair(x2, XBF16)  # fp32, exact
-        d = tl.dot(x_even.to(dot_t), _slab_codes(w, 0, BITS).to(dot_t))
-        d = tl.dot(x_odd.to(dot_t), _slab_codes(w, 1, BITS).to(dot_t), d)  # [BM, BN]
+        d = tl.dot(x_even.to(dot_t), _slab_codes(w, 0, BITS, XBF16, F32_DOT).to(dot_t))
+        d = tl.dot(x_odd.to(dot_t), _slab_codes(w, 1, BITS, XBF16, F32_DOT).to(dot_t), d)  # [BM, BN]
         xs = tl.sum(x_even + x_odd, axis=1)
         s, z = _slab_scale_zero(sz_ptr, t, rn, nmask, N, GROUP, 2 * SP, PRE)
         acc += s[None, :] * (d - z[None, :] * xs[:, None])
