@@ -7,7 +7,8 @@ here the K-major copy serves every batch size ("kmajor-only" mode, casp.kernels.
 * ``_kmajor_tc_kernel`` (a few rows): one slab per loop step. Field J of the slab's WPG words holds the codes of
   column pairs J WPG .. J WPG + WPG - 1, so decoding the fields in order J = 0, 1, ... gives the codes of *all*
   the slab's pairs in pair order: a [SP, BN] tile of the even columns (low halves) and one of the odd columns
-  (high halves). Two ``tl.dot`` with the even and the odd activation columns make the slab's [BM, BN] product;
+  (high halves). Two ``tl.dot`` with the even and the odd activation columns make the slab's product (the code
+  tiles as the A operand, as in triton_uniform's tc kernel: 4% fewer instructions than as B, offline SASS);
   the slab lies inside one group, so scale and zero apply once per (row, slab):
   ``s (x_even q_even + x_odd q_odd - z sum_k x_k)``.
 * ``_kmajor_dequant_t_kernel`` (prefill): the dense weight, written transposed ([K, N]: a word tile's rows are
@@ -81,7 +82,7 @@ def _kmajor_tc_kernel(
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
     t_lo = pid_s * slabs_per_split
     t_hi = tl.minimum(t_lo + slabs_per_split, T)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
     # codes are exact in fp16/bf16 (F32_DOT: Triton's interpreter, whose bf16 dot is wrong, multiplies in fp32)
     dot_t: tl.constexpr = tl.float32 if F32_DOT else (tl.bfloat16 if XBF16 else tl.float16)
     for t in range(t_lo, t_hi):
@@ -89,13 +90,13 @@ def _kmajor_tc_kernel(
         pair = t * SP + rp
         x2 = tl.load(x_rows + pair[None, :], mask=mmask[:, None] & (pair < KH)[None, :], other=0)  # [BM, SP]
         x_even, x_odd = _split_pair(x2, XBF16)  # fp32, exact
-        d = tl.dot(x_even.to(dot_t), _slab_codes(w, 0, BITS, XBF16, F32_DOT).to(dot_t))
-        d = tl.dot(x_odd.to(dot_t), _slab_codes(w, 1, BITS, XBF16, F32_DOT).to(dot_t), d)  # [BM, BN]
+        d = tl.dot(tl.trans(_slab_codes(w, 0, BITS, XBF16, F32_DOT).to(dot_t)), tl.trans(x_even.to(dot_t)))
+        d = tl.dot(tl.trans(_slab_codes(w, 1, BITS, XBF16, F32_DOT).to(dot_t)), tl.trans(x_odd.to(dot_t)), d)
         xs = tl.sum(x_even + x_odd, axis=1)
         s, z = _slab_scale_zero(sz_ptr, t, rn, nmask, N, GROUP, 2 * SP, PRE)
-        acc += s[None, :] * (d - z[None, :] * xs[:, None])
-    _store_tile(acc, y_ptr, b_ptr, ws_ptr, cnt_ptr, rm, rn, mmask, nmask, pid_n, pid_m, pid_s, M, N, stride_ym,
-                HAS_BIAS, SPLIT)
+        acc += s[:, None] * (d - z[:, None] * xs[None, :])
+    _store_tile(tl.trans(acc), y_ptr, b_ptr, ws_ptr, cnt_ptr, rm, rn, mmask, nmask, pid_n, pid_m, pid_s, M, N,
+                stride_ym, HAS_BIAS, SPLIT)
 
 
 @triton.jit
