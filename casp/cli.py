@@ -73,10 +73,10 @@ def cmd_compress(args) -> int:
 def add_batch1_kernel_argument(p: argparse.ArgumentParser) -> None:
     from casp.kernels import BATCH1_KERNELS
 
-    p.add_argument("--batch1-kernel", choices=list(BATCH1_KERNELS), default="kmajor",
-                   help="GPU kernel of packed 2/4-bit weights at one token per step: "
+    p.add_argument("--batch1-kernel", choices=list(BATCH1_KERNELS), default="auto",
+                   help="how the GPU holds packed 2/4-bit weights and which kernel runs one token per step: "
                    + "; ".join(f"{k}: {v}" for k, v in BATCH1_KERNELS.items()).replace("%", "%%")
-                   + " (default kmajor)")
+                   + " (default auto)")
 
 
 def cmd_generate(args) -> int:

@@ -51,7 +51,7 @@ def generate(model, processor, adapter, prompts: list[str], images: list | None 
 
 def generate_from_dir(model_dir, prompt: str, image: str | None = None, max_new_tokens: int = 32,
                       device: str = "cpu", kv: str = "fp16", kv_window: int = 128, cuda_graph: bool = True,
-                      dtype: torch.dtype | None = None, batch1_kernel: str = "kmajor") -> str:
+                      dtype: torch.dtype | None = None, batch1_kernel: str = "auto") -> str:
     """``casp generate``: load ``model_dir`` (in ``dtype``; default float16 on a GPU, where the packed-weight
     kernels run, float32 on the CPU) and continue ``prompt``; ``batch1_kernel``: see
     casp.kernels.set_batch1_kernel."""

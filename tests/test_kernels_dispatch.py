@@ -77,8 +77,28 @@ def test_set_batch1_kernel_reaches_the_dispatch_and_gemv_frees_the_copies(monkey
     model(torch.randn(1, 256))
     assert seen[2:] == ["gemv", "gemv"]
     assert cfgs.choose_path(1, 2, 64, 4, m1="gemv") == "gemv" and cfgs.choose_path(1, 2, 64, 4) == "kmajor"
-    with pytest.raises(ValueError, match="unknown batch-1 kernel 'fast'; choose one of kmajor, gemv"):
+    with pytest.raises(ValueError, match="unknown batch-1 kernel 'fast'; choose one of auto, kmajor, gemv"):
         kernels.set_batch1_kernel(model, "fast")
+
+
+def test_auto_batch1_kernel_keeps_a_fifth_of_the_gpu_free():
+    GiB = 2**30
+    # an 80 GB GPU holding a 2.25-bit 7B model: the 2 GB of K-major copies fit
+    assert kernels.choose_batch1_kernel(2 * GiB, 75 * GiB, 80 * GiB) == "kmajor"
+    # an 8 GB GPU with 5 GB free: 2 GB of copies + 1.6 GB to spare fit; with 3 GB free they do not
+    assert kernels.choose_batch1_kernel(2 * GiB, 5 * GiB, 8 * GiB) == "kmajor"
+    assert kernels.choose_batch1_kernel(2 * GiB, 3 * GiB, 8 * GiB) == "kmajor-only"
+    # off the GPU nothing is copied: "auto" is "kmajor", whose kernels do not run on the CPU anyway
+    model = torch.nn.Sequential(QuantLinear.from_weight(_layer(K=256, bits=2, group=64, act_order=False)))
+    assert kernels.kmajor_copy_bytes(model) == 0
+    # what the copies would take: codes, scales and zeros of the 2/4-bit layers (not the 3-bit one)
+    mixed = torch.nn.Sequential(model[0], QuantLinear.from_weight(_layer(K=256, bits=3, group=64, act_order=False)))
+    first = model[0]
+    expect = sum(t.numel() * t.element_size() for t in (first.qweight, first.scales, first.zeros))
+    assert kernels.kmajor_copy_bytes(mixed, torch.device("cpu")) == expect > 0
+    assert kernels.resolve_batch1_kernel(model, "auto") == "kmajor"
+    assert kernels.resolve_batch1_kernel(model, "gemv") == "gemv"
+    assert kernels.set_batch1_kernel(model, "auto") == 1 and model[0].batch1_kernel == "kmajor"
 
 
 def test_gpu_dispatch_needs_cuda_half_uniform():

@@ -80,7 +80,7 @@ def evaluate(
     dtype: torch.dtype | None = None,
     speed: bool = False,
     speed_tokens: int = 32,
-    batch1_kernel: str = "kmajor",
+    batch1_kernel: str = "auto",
     **task_options: Any,
 ) -> dict[str, Any]:
     """Load a model (original or casp-compressed dir), run every task, write and return the results.

@@ -100,6 +100,8 @@ def linear_kmajor(x: torch.Tensor, kw: KMajorWeight, bias: torch.Tensor | None =
 
 
 BATCH1_KERNELS = {
+    "auto": "kmajor where its second copy fits in the GPU's free memory with a fifth of the GPU to spare, else "
+    "kmajor-only",
     "kmajor": "the fastest at batch 1 (fp16, 2 and 4 bits); keeps a K-major copy of each weight's codes",
     "gemv": "reads the stored layout: no second copy, 7-43% slower per layer at batch 1 (kernels_kmajor_h200.txt)",
     "kmajor-only": "kmajor's batch-1 kernel and gemv's footprint: the K-major copy replaces the stored codes on the "
@@ -107,10 +109,49 @@ BATCH1_KERNELS = {
 }
 
 
+def kmajor_copy_bytes(model: torch.nn.Module, device: torch.device | None = None) -> int:
+    """GPU bytes the "kmajor" mode's K-major copies would add: the codes, scales and zeros of each QuantLinear whose
+    weight the K-major kernel takes (2 or 4 bits, groups of whole words) and that sits on ``device`` (default: any
+    GPU)."""
+    from casp.kernels.slab_layout import slab_words
+    from casp.quant.linear import QuantLinear
+
+    def here(t: torch.Tensor) -> bool:
+        return t.is_cuda if device is None else t.device == device
+
+    total = 0
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear) and layer.meta.get("format") == "uniform" and here(layer.qweight):
+            qw = layer.quantized_weight()
+            if qw.bits in (2, 4) and slab_words(qw.bits, qw.group_size, qw.shape[1]) is not None:
+                total += sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros))
+    return total
+
+
+def choose_batch1_kernel(copy_bytes: int, free_bytes: int, total_bytes: int) -> str:
+    """"kmajor" if its copies (``copy_bytes``) leave a fifth of the GPU's memory free (for activations, the KV
+    cache and CUDA graphs), else "kmajor-only", which needs no second copy."""
+    return "kmajor" if copy_bytes + total_bytes // 5 <= free_bytes else "kmajor-only"
+
+
+def resolve_batch1_kernel(model: torch.nn.Module, kernel: str) -> str:
+    """``kernel``, with "auto" decided for ``model`` on its GPU (see BATCH1_KERNELS; "kmajor" off the GPU)."""
+    if kernel != "auto":
+        return kernel
+    need = kmajor_copy_bytes(model)
+    if need == 0:
+        return "kmajor"
+    device = next(b.device for b in model.buffers() if b.is_cuda)
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's to reuse
+    return choose_batch1_kernel(need, free + cached, total)
+
+
 def set_batch1_kernel(model: torch.nn.Module, kernel: str) -> int:
     """Use ``kernel`` (a key of BATCH1_KERNELS) for the one-row matmuls of every QuantLinear in ``model``.
 
-    Choosing "gemv" also frees the repacked copies the K-major kernel made. "kmajor-only" puts each layer where
+    Choosing "gemv" also frees the repacked copies the K-major kernel made. "auto" picks "kmajor" or
+    "kmajor-only" by the GPU's free memory (:func:`resolve_batch1_kernel`). "kmajor-only" puts each layer where
     it applies (see :func:`kmajor_only_weight`; call it once the model is on its GPU) in the K-major layout alone:
     the stored buffers move to CPU memory (state_dict and saving still read them) and come back when another
     kernel is chosen or the model moves to another device. Returns the layers set.
@@ -123,6 +164,10 @@ def set_batch1_kernel(model: torch.nn.Module, kernel: str) -> int:
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in layers:
         layer.stored_layout()
+    if kernel == "auto":
+        drop_kernel_copies(model)  # "auto" weighs the copies against the memory they would take
+        kernel = resolve_batch1_kernel(model, kernel)
+    for layer in layers:
         layer.batch1_kernel = "kmajor" if kernel == "kmajor-only" else kernel
     if kernel != "kmajor":
         drop_kernel_copies(model)
