@@ -263,12 +263,13 @@ def fp16_batch1(N: int, K: int) -> tuple[torch.Tensor, float]:
 
 
 def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
-    """Batch-1 time of the experimental AQLM 2x8 kernel (random codes and codebooks) vs fp16, one row per shape."""
+    """Batch-1 time of the AQLM 2x8 kernel (random codes and codebooks) vs fp16 and vs the torch path it replaces
+    (dequantize, then F.linear), one row per shape."""
     from casp.kernels.triton_aqlm import aqlm_gemv
     from casp.quant.aqlm import AQLMWeight
 
     out = ["", "AQLM 2x8 (2 codebooks x 256 codewords x 8 weights, 2 bits/weight + codebooks + row scales), M = 1, "
-           "experimental kernel casp/kernels/triton_aqlm.py (not dispatched):"]  # fmt: skip
+           "kernel casp/kernels/triton_aqlm.py (dispatched at one row since 2026-12-08); torch: the torch path:"]
     print("\n".join(out), flush=True)
     for N, K in shapes:
         try:
@@ -290,6 +291,10 @@ def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
                 if best is None or us < best[0]:
                     best = (us, bn, bj, nw)
             us, bn, bj, nw = best
+            try:
+                torch_us = time_calls([(lambda q=q, x=x: q.matmul(x)) for q in copies[:4]], reps=5)  # 4: it is slow
+            except Exception:  # the torch path in a CUDA graph: recorded as n/a, the kernel's row stays
+                torch_us = float("nan")
             y = aqlm_gemv(x, codes, cb, sc, bn, bj, 4, nw)
             y_t = qw.matmul(x)
             ref = x.float() @ qw.dequantize(torch.float32).T
@@ -297,7 +302,8 @@ def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
             tbs = nbytes / (us * 1e-6) / 1e12
             line = (
                 f"{N:>5}x{K:<6} aqlm2x8 M=1 {bn}x{bj}w{nw}k4: {us:.1f} us, fp16 {fp16_us:.1f} us, "
-                f"{fp16_us / us:.2f}x, {tbs:.2f} TB/s ({100 * tbs / copy_tbs:.0f}% of copy), "
+                f"{fp16_us / us:.2f}x, torch {torch_us:.1f} us ({torch_us / us:.1f}x the kernel), {tbs:.2f} TB/s "
+                f"({100 * tbs / copy_tbs:.0f}% of copy), "
                 f"max|y - torch path| {float((y.float() - y_t.float()).abs().max()):.2e}, rel {rel:.1e}"
             )
             del copies

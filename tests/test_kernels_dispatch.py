@@ -101,6 +101,22 @@ def test_auto_batch1_kernel_keeps_a_fifth_of_the_gpu_free():
     assert kernels.set_batch1_kernel(model, "auto") == 1 and model[0].batch1_kernel == "kmajor"
 
 
+def test_aqlm_gemv_applies_to_one_row_and_small_codebooks():
+    from casp.quant.aqlm import AQLMWeight
+
+    def aqlm(bits: int, group: int = 8) -> AQLMWeight:
+        dtype = torch.uint8 if bits <= 8 else torch.int16
+        codes = torch.randint(0, 1 << min(bits, 7), (16, 64 // group, 2), dtype=dtype)
+        return AQLMWeight(codes, torch.randn(2, 1 << bits, group).half(), torch.ones(16).half(), bits)
+
+    one, three = torch.randn(1, 1, 64).half(), torch.randn(3, 64).half()
+    assert kernels.aqlm_gemv_applies(one, aqlm(8)) and kernels.aqlm_gemv_applies(one[0], aqlm(8))
+    assert not kernels.aqlm_gemv_applies(three, aqlm(8))  # several rows: the torch path
+    assert not kernels.aqlm_gemv_applies(one, aqlm(12))  # 4096 codewords per codebook do not stay in L1
+    assert not kernels.aqlm_gemv_applies(one, _layer(K=64))  # another format
+    assert kernels.kernel_for(one, aqlm(8)) is None  # CPU
+
+
 def test_gpu_dispatch_needs_cuda_half_uniform():
     """kernel_for only picks the Triton kernel for CUDA fp16/bf16 activations of a uniform weight."""
     qw = _layer()

@@ -10,6 +10,8 @@
   packed codes, scales and zeros; ``set_batch1_kernel(model, "gemv")`` avoids it, and
   ``set_batch1_kernel(model, "kmajor-only")`` keeps the K-major copy *instead* of the stored one on the GPU and
   runs every batch size on it, casp.kernels.triton_kmajor_mm);
+* format "aqlm", one activation row (decode) with codebooks of at most 256 codewords, on CUDA ->
+  casp.kernels.triton_aqlm's GEMV;
 * anything else (CPU, fp32 activations, other formats, no Triton) -> ``qw.matmul(x)`` (+ bias), the
   dequantize-then-matmul reference path.
 
@@ -42,10 +44,25 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
 
+def aqlm_gemv_applies(x: torch.Tensor, qw: QuantizedWeight) -> bool:
+    """The AQLM GEMV (casp.kernels.triton_aqlm) takes one activation row and codebooks of at most 2^8 codewords
+    (they stay in L1) whose group is a power of two. It reads the packed codes only, where the torch path builds
+    the dense weight in fp32 at every call; on an H100 it is 1.01-1.11x faster than an fp16 matmul of the same
+    shape (benchmarks/results/kernels_h100_paths.txt)."""
+    if qw.format != "aqlm" or x.numel() != x.shape[-1]:
+        return False
+    group = qw.codebooks.shape[-1]
+    return qw.codebook_bits <= 8 and group & (group - 1) == 0
+
+
 def kernel_for(x: torch.Tensor, qw: QuantizedWeight) -> str | None:
     """Name of the fused kernel ``linear`` would use for (x, qw), or None for the torch path."""
-    if qw.format == "uniform" and x.is_cuda and x.dtype in _KERNEL_DTYPES and triton_available():
+    if not (x.is_cuda and x.dtype in _KERNEL_DTYPES and triton_available()):
+        return None
+    if qw.format == "uniform":
         return "triton_uniform"
+    if aqlm_gemv_applies(x, qw):
+        return "triton_aqlm"
     return None
 
 
@@ -67,7 +84,12 @@ def linear(
             None if bias is None else bias.to(x.dtype),
             m1=m1,
         )
-    y = qw.matmul(x)
+    if kernel_for(x, qw) == "triton_aqlm":
+        from casp.kernels.triton_aqlm import aqlm_gemv
+
+        y = aqlm_gemv(x.reshape(1, -1), qw.codes, qw.codebooks, qw.scales).reshape(*x.shape[:-1], -1)
+    else:
+        y = qw.matmul(x)
     return y if bias is None else y + bias.to(y.dtype)
 
 

@@ -1,4 +1,5 @@
-"""Batch-1 GEMV for AQLM-style codes (format "aqlm", casp/quant/aqlm.py), in Triton. Experimental: not dispatched.
+"""Batch-1 GEMV for AQLM-style codes (format "aqlm", casp/quant/aqlm.py), in Triton; casp.kernels.linear runs it
+for one-row calls with codebooks of at most 256 codewords (casp.kernels.aqlm_gemv_applies).
 
 W[n, j g : (j+1) g] = s_n sum_m C_m[b_{n,j,m}] (M codebooks of 2^B codewords of g weights). Per program: BN
 output rows, a range of groups j (split-K over programs, reduced in-kernel as in triton_uniform), BJ groups
