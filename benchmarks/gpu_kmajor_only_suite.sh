@@ -16,7 +16,8 @@ timeout 100 python3 benchmarks/kmajor_only.py --shapes 4096x4096,11008x4096,4096
     --out "$OUT/kmajor_only_$tag.txt"
 timeout 140 python3 benchmarks/generate_7b.py --batch1-kernel kmajor,kmajor-only --prompt 512 --tokens 64 \
     --repeats 3 --out "$OUT/generate_7b_kmajor_only_$tag.txt"
-# 5. the AQLM 2x8 GEMV, now dispatched at one row: QuantLinear checks, then its time vs fp16 and vs the torch path
+# 5. the AQLM 2x8 GEMV, now dispatched at one row: QuantLinear checks, then its time (and the undispatched QuIP#
+#    kernel's) vs fp16 and vs the torch path
 timeout 50 python3 benchmarks/gpu_check_kernels.py --only aqlm --out "$OUT/gpu_check_aqlm_$tag.txt"
-timeout 60 python3 benchmarks/kernels.py --aqlm --batches 1 --bits 2 --m1-paths kmajor \
+timeout 60 python3 benchmarks/kernels.py --aqlm --quip --batches 1 --bits 2 --m1-paths kmajor \
     --shapes 4096x4096,11008x4096,4096x11008 --out "$OUT/kernels_aqlm_$tag.txt"

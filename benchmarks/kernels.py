@@ -351,6 +351,10 @@ def quip_rows(shapes, copy_tbs: float) -> list[str]:
             opts = dict(tables=tables, bn=bn, bj=bj, split=split, num_warps=nw)
             qws = [QuIPWeight(c, None, sc, su, sv, 2, 1.0) for c in copies]
             full_us = time_calls([functools.partial(quip_linear, x, q, **opts) for q in qws])
+            try:  # the torch path the kernel would replace (it decodes the dense weight at every call)
+                torch_us = time_calls([(lambda q=q, x=x: q.matmul(x)) for q in qws[:4]], reps=5)
+            except Exception:  # not capturable in a CUDA graph: n/a, the kernel's row stays
+                torch_us = float("nan")
             y = quip_linear(x, qw, **opts)
             y_t = qw.matmul(x)
             rel = float((y.float() - y_t.float()).norm() / y_t.float().norm())
@@ -358,7 +362,8 @@ def quip_rows(shapes, copy_tbs: float) -> list[str]:
             line = (
                 f"{N:>5}x{K:<6} quip-e8p M=1 {bn}x{bj}w{nw}k{split}: kernel {us:.1f} us ({fp16_us / us:.2f}x fp16, "
                 f"{tbs:.2f} TB/s, {100 * tbs / copy_tbs:.0f}% of copy), matmul {full_us:.1f} us "
-                f"({fp16_us / full_us:.2f}x), fp16 {fp16_us:.1f} us; rel err vs torch path {rel:.1e}"
+                f"({fp16_us / full_us:.2f}x), torch path {torch_us:.1f} us, fp16 {fp16_us:.1f} us; rel err vs torch "
+                f"path {rel:.1e}"
             )
             del copies, qws
         except Exception as e:  # experimental: report, never lose the main table
