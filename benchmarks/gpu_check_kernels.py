@@ -12,7 +12,7 @@ an output is not finite.
     python benchmarks/gpu_check_kernels.py --only slab --out FILE   # the slab-layout batch-1 kernels only
     python benchmarks/gpu_check_kernels.py --only kmajor --out FILE # the K-major batch-1 kernel only
     python benchmarks/gpu_check_kernels.py --only kmajor-only --out FILE  # every batch on the K-major layout
-    python benchmarks/gpu_check_kernels.py --only aqlm --out FILE   # the AQLM GEMV through QuantLinear's dispatch
+    python benchmarks/gpu_check_kernels.py --only codebooks --out FILE  # AQLM / QuIP# through QuantLinear's dispatch
 
 The slab kernels (casp/kernels/triton_slab.py, paths "slab" and "slab16") are checked for 2/4/8 bits on
 every shape, group 128 / per-channel / odd groups, act-order, fp16 and bf16, bias, 1 and 3 rows, and
@@ -213,17 +213,34 @@ def kmajor_only_memory_check() -> tuple[bool, str]:
     return ok, line
 
 
-def aqlm_dispatch_checks() -> list[tuple[bool, str]]:
-    """QuantLinear of AQLM 2x8 weights on the GPU: one-row calls take the Triton GEMV (casp.kernels.kernel_for says
-    "triton_aqlm"), several rows the torch path; both agree with the fp32 reference, fp16 and bf16, with a bias."""
+def codebook_dispatch_checks() -> list[tuple[bool, str]]:
+    """QuantLinear of AQLM 2x8 and QuIP# (2/3/4-bit) weights on the GPU: the kernel casp.kernels.kernel_for names
+    (AQLM: the GEMV at one row, the Triton dequantize + cuBLAS at three; QuIP#: the Triton decode + cuBLAS) agrees
+    with the fp32 reference, fp16 and bf16, with a bias."""
     from casp.quant.aqlm import AQLMWeight
+    from casp.quant.quip import RESID_SCALE, QuIPWeight
 
-    results = []
+    def int16(t):
+        return (t - (t >= 1 << 15).long() * (1 << 16)).to(torch.int16)
+
+    weights = []
     for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (576, 576), (40, 72)):
         g = torch.Generator(device="cuda").manual_seed(N + K)
         codes = torch.randint(0, 256, (N, K // 8, 2), generator=g, device="cuda").to(torch.uint8)
         cb = (torch.randn(2, 256, 8, generator=g, device="cuda") * 0.1).half()
-        qw = AQLMWeight(codes, cb, (torch.rand(N, generator=g, device="cuda") + 0.5).half(), 8)
+        weights.append(AQLMWeight(codes, cb, (torch.rand(N, generator=g, device="cuda") + 0.5).half(), 8))
+    for (N, K), bits in (((4096, 11008), 2), ((11008, 4096), 2), ((4096, 4096), 3), ((576, 576), 4), ((40, 96), 2)):
+        g = torch.Generator(device="cuda").manual_seed(N + K + bits)
+        codes = int16(torch.randint(0, 1 << 16, (N, K // 8), generator=g, device="cuda"))
+        codes2 = (None if bits == 2 else torch.randint(0, 256, (N, K // 8), generator=g, device="cuda").to(torch.uint8)
+                  if bits == 3 else int16(torch.randint(0, 1 << 16, (N, K // 8), generator=g, device="cuda")))
+        su = (torch.randint(0, 2, (K,), generator=g, device="cuda") * 2 - 1).to(torch.int8)
+        sv = (torch.randint(0, 2, (N,), generator=g, device="cuda") * 2 - 1).to(torch.int8)
+        scales = (torch.rand(N, generator=g, device="cuda") * 0.02 + 0.01).half()
+        weights.append(QuIPWeight(codes, codes2, scales, su, sv, bits, RESID_SCALE.get(bits, 1.0)))
+    results = []
+    for qw in weights:
+        N, K = qw.shape
         W32 = qw.dequantize(torch.float32)
         for dtype in (torch.float16, torch.bfloat16):
             lin = QuantLinear.from_weight(qw, torch.randn(N, device="cuda")).to(dtype)
@@ -233,10 +250,12 @@ def aqlm_dispatch_checks() -> list[tuple[bool, str]]:
                 y = lin(x)
                 ref = x.float() @ W32.T + lin.bias.float()
                 rel = float((y.float() - ref).norm() / ref.norm())
-                want = "triton_aqlm" if x.numel() == K else None
+                want = {"aqlm": "triton_aqlm" if x.numel() == K else "triton_aqlm_dense",
+                        "quip": "triton_quip_dense"}[qw.format]
                 ok = kind == want and y.dtype == dtype and bool(torch.isfinite(y).all()) and rel < TOL[dtype]
-                results.append((ok, f"{'OK ' if ok else 'FAIL'} AQLM 2x8 N={N} K={K} {str(dtype)[6:]} x{list(shape)}: "
-                                    f"{kind or 'torch path'}, rel={rel:.1e}"))
+                name = f"{qw.format} {getattr(qw, 'bits', 2)}-bit"
+                results.append((ok, f"{'OK ' if ok else 'FAIL'} {name} N={N} K={K} {str(dtype)[6:]} x{list(shape)}: "
+                                    f"{kind}, rel={rel:.1e}"))
     return results
 
 
@@ -345,8 +364,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=14)
-    ap.add_argument("--only", choices=["all", "slab", "kmajor", "kmajor-only", "old", "chain", "aqlm"], default="all",
-                    help="which kernels to check (chain: the PDL chain check alone)")
+    ap.add_argument("--only", choices=["all", "slab", "kmajor", "kmajor-only", "old", "chain", "codebooks"],
+                    default="all", help="which kernels to check (chain: the PDL chain check alone)")
     args = ap.parse_args()
     all_cases = {
         "all": cases() + slab_cases() + kmajor_cases() + kmajor_only_cases(),
@@ -355,7 +374,7 @@ def main() -> None:
         "kmajor-only": kmajor_only_cases(),
         "old": cases(),
         "chain": [],
-        "aqlm": [],
+        "codebooks": [],
     }[args.only]
     precompile(all_cases, args.workers, fn=_warm)
     # each line goes to the file as it is made: a run cut off by a time limit keeps the cases it checked
@@ -422,8 +441,8 @@ def main() -> None:
         extra.append(kmajor_only_memory_check())
     if args.only in ("all", "kmajor", "chain"):
         extra += pdl_chain_checks()
-    if args.only in ("all", "aqlm"):
-        extra += aqlm_dispatch_checks()
+    if args.only in ("all", "codebooks"):
+        extra += codebook_dispatch_checks()
     for ok, line in extra:
         fails += not ok
         n_checks += 1

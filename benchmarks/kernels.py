@@ -265,7 +265,7 @@ def fp16_batch1(N: int, K: int) -> tuple[torch.Tensor, float]:
 def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
     """Batch-1 time of the AQLM 2x8 kernel (random codes and codebooks) vs fp16 and vs the torch path it replaces
     (dequantize, then F.linear), one row per shape."""
-    from casp.kernels.triton_aqlm import aqlm_gemv
+    from casp.kernels.triton_aqlm import aqlm_dense, aqlm_gemv
     from casp.quant.aqlm import AQLMWeight
 
     out = ["", "AQLM 2x8 (2 codebooks x 256 codewords x 8 weights, 2 bits/weight + codebooks + row scales), M = 1, "
@@ -295,6 +295,8 @@ def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
                 torch_us = time_calls([(lambda q=q, x=x: q.matmul(x)) for q in copies[:4]], reps=5)  # 4: it is slow
             except Exception:  # the torch path in a CUDA graph: recorded as n/a, the kernel's row stays
                 torch_us = float("nan")
+            # the dequantize + cuBLAS path that several rows take
+            dense_us = time_calls([(lambda q=q, x=x: aqlm_dense(x, q.codes, q.codebooks, q.scales)) for q in copies])
             y = aqlm_gemv(x, codes, cb, sc, bn, bj, 4, nw)
             y_t = qw.matmul(x)
             ref = x.float() @ qw.dequantize(torch.float32).T
@@ -302,7 +304,8 @@ def aqlm_rows(shapes, copy_tbs: float) -> list[str]:
             tbs = nbytes / (us * 1e-6) / 1e12
             line = (
                 f"{N:>5}x{K:<6} aqlm2x8 M=1 {bn}x{bj}w{nw}k4: {us:.1f} us, fp16 {fp16_us:.1f} us, "
-                f"{fp16_us / us:.2f}x, torch {torch_us:.1f} us ({torch_us / us:.1f}x the kernel), {tbs:.2f} TB/s "
+                f"{fp16_us / us:.2f}x, torch {torch_us:.1f} us ({torch_us / us:.1f}x the kernel), dequantize + "
+                f"cuBLAS {dense_us:.1f} us, {tbs:.2f} TB/s "
                 f"({100 * tbs / copy_tbs:.0f}% of copy), "
                 f"max|y - torch path| {float((y.float() - y_t.float()).abs().max()):.2e}, rel {rel:.1e}"
             )
@@ -320,12 +323,13 @@ QUIP_CONFIGS = [(32, 16, 4, 4), (64, 16, 4, 4), (32, 32, 8, 4), (64, 8, 8, 4)]  
 def quip_rows(shapes, copy_tbs: float) -> list[str]:
     """Batch-1 time of the experimental QuIP# E8P kernel (2 bits, random codes) vs fp16, one row per shape: the whole
     matmul (torch transforms around the kernel) and the kernel alone on pre-rotated activations."""
-    from casp.kernels.triton_quip import e8p_tables, quip_linear, quip_rotated_gemv
+    from casp.kernels.triton_quip import e8p_tables, quip_dense, quip_linear, quip_rotated_gemv
     from casp.quant.quip import QuIPWeight
 
     out = ["", "QuIP# E8P 2-bit (16-bit code per 8 weights + row scales), M = 1, experimental kernel "
-           "casp/kernels/triton_quip.py (not dispatched); 'kernel' = the decode-and-dot on rotated activations, "
-           "'matmul' = with the torch Hadamard transforms of x and y:"]  # fmt: skip
+           "casp/kernels/triton_quip.py (quip_linear, not dispatched); 'kernel' = the decode-and-dot on rotated "
+           "activations, 'matmul' = with the torch Hadamard transforms of x and y; 'decode + cuBLAS' = quip_dense, "
+           "which casp.kernels dispatches:"]  # fmt: skip
     print("\n".join(out), flush=True)
     for N, K in shapes:
         try:
@@ -355,6 +359,7 @@ def quip_rows(shapes, copy_tbs: float) -> list[str]:
                 torch_us = time_calls([(lambda q=q, x=x: q.matmul(x)) for q in qws[:4]], reps=5)
             except Exception:  # not capturable in a CUDA graph: n/a, the kernel's row stays
                 torch_us = float("nan")
+            dense_us = time_calls([functools.partial(quip_dense, x, q) for q in qws])  # what casp.kernels dispatches
             y = quip_linear(x, qw, **opts)
             y_t = qw.matmul(x)
             rel = float((y.float() - y_t.float()).norm() / y_t.float().norm())
@@ -362,8 +367,8 @@ def quip_rows(shapes, copy_tbs: float) -> list[str]:
             line = (
                 f"{N:>5}x{K:<6} quip-e8p M=1 {bn}x{bj}w{nw}k{split}: kernel {us:.1f} us ({fp16_us / us:.2f}x fp16, "
                 f"{tbs:.2f} TB/s, {100 * tbs / copy_tbs:.0f}% of copy), matmul {full_us:.1f} us "
-                f"({fp16_us / full_us:.2f}x), torch path {torch_us:.1f} us, fp16 {fp16_us:.1f} us; rel err vs torch "
-                f"path {rel:.1e}"
+                f"({fp16_us / full_us:.2f}x), decode + cuBLAS {dense_us:.1f} us ({fp16_us / dense_us:.2f}x), "
+                f"torch path {torch_us:.1f} us, fp16 {fp16_us:.1f} us; rel err vs torch path {rel:.1e}"
             )
             del copies, qws
         except Exception as e:  # experimental: report, never lose the main table

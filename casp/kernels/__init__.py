@@ -10,8 +10,12 @@
   packed codes, scales and zeros; ``set_batch1_kernel(model, "gemv")`` avoids it, and
   ``set_batch1_kernel(model, "kmajor-only")`` keeps the K-major copy *instead* of the stored one on the GPU and
   runs every batch size on it, casp.kernels.triton_kmajor_mm);
-* format "aqlm", one activation row (decode) with codebooks of at most 256 codewords, on CUDA ->
-  casp.kernels.triton_aqlm's GEMV;
+* format "aqlm" on CUDA -> casp.kernels.triton_aqlm: its GEMV for one activation row (decode) with codebooks of
+  at most 256 codewords, else the weight dequantized into x's dtype by Triton, then cuBLAS;
+* format "quip" on CUDA -> casp.kernels.triton_quip.quip_dense: the Hadamard transforms of x and y around cuBLAS
+  on the rotated weight, decoded into x's dtype by Triton. (The codebook formats' torch path builds the dense
+  weight in fp32 at every call: these move at most half its bytes. Not yet timed on a GPU;
+  benchmarks/kernels.py --aqlm --quip times both.)
 * anything else (CPU, fp32 activations, other formats, no Triton) -> ``qw.matmul(x)`` (+ bias), the
   dequantize-then-matmul reference path.
 
@@ -51,8 +55,7 @@ def aqlm_gemv_applies(x: torch.Tensor, qw: QuantizedWeight) -> bool:
     shape (benchmarks/results/kernels_h100_paths.txt)."""
     if qw.format != "aqlm" or x.numel() != x.shape[-1]:
         return False
-    group = qw.codebooks.shape[-1]
-    return qw.codebook_bits <= 8 and group & (group - 1) == 0
+    return qw.codebook_bits <= 8 and _power_of_two(qw.codebooks.shape[-1])
 
 
 def kernel_for(x: torch.Tensor, qw: QuantizedWeight) -> str | None:
@@ -63,7 +66,15 @@ def kernel_for(x: torch.Tensor, qw: QuantizedWeight) -> str | None:
         return "triton_uniform"
     if aqlm_gemv_applies(x, qw):
         return "triton_aqlm"
+    if qw.format == "aqlm" and _power_of_two(qw.codebooks.shape[-1]):
+        return "triton_aqlm_dense"
+    if qw.format == "quip":
+        return "triton_quip_dense"
     return None
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def linear(
@@ -84,10 +95,19 @@ def linear(
             None if bias is None else bias.to(x.dtype),
             m1=m1,
         )
-    if kernel_for(x, qw) == "triton_aqlm":
+    kind = kernel_for(x, qw)
+    if kind == "triton_aqlm":
         from casp.kernels.triton_aqlm import aqlm_gemv
 
         y = aqlm_gemv(x.reshape(1, -1), qw.codes, qw.codebooks, qw.scales).reshape(*x.shape[:-1], -1)
+    elif kind == "triton_aqlm_dense":
+        from casp.kernels.triton_aqlm import aqlm_dense
+
+        y = aqlm_dense(x, qw.codes, qw.codebooks, qw.scales)
+    elif kind == "triton_quip_dense":
+        from casp.kernels.triton_quip import quip_dense
+
+        y = quip_dense(x, qw)
     else:
         y = qw.matmul(x)
     return y if bias is None else y + bias.to(y.dtype)

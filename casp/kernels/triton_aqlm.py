@@ -1,5 +1,6 @@
-"""Batch-1 GEMV for AQLM-style codes (format "aqlm", casp/quant/aqlm.py), in Triton; casp.kernels.linear runs it
-for one-row calls with codebooks of at most 256 codewords (casp.kernels.aqlm_gemv_applies).
+"""Triton kernels for AQLM-style codes (format "aqlm", casp/quant/aqlm.py): a batch-1 GEMV, which
+casp.kernels.linear runs for one-row calls with codebooks of at most 256 codewords (casp.kernels.aqlm_gemv_applies),
+and a dequantize into the activations' dtype for cuBLAS, for the other calls (``aqlm_dense``).
 
 W[n, j g : (j+1) g] = s_n sum_m C_m[b_{n,j,m}] (M codebooks of 2^B codewords of g weights). Per program: BN
 output rows, a range of groups j (split-K over programs, reduced in-kernel as in triton_uniform), BJ groups
@@ -95,3 +96,51 @@ def aqlm_gemv(
         num_warps=num_warps,
     )  # fmt: skip
     return y
+
+
+@triton.jit
+def _aqlm_dequant_kernel(
+    codes_ptr, cb_ptr, s_ptr, w_ptr, N, J, stride_cn, stride_wn,
+    NCB: tl.constexpr, NCODE: tl.constexpr, GS: tl.constexpr, WIDE: tl.constexpr,
+    BN: tl.constexpr, BJ: tl.constexpr,
+):  # fmt: skip
+    """W[rn, j GS : (j+1) GS] = s[rn] sum_c C_c[code[rn, j, c]] for the BJ groups j of program_id(1), in W's dtype
+    (the codewords summed in fp16 as the GEMV does, the scale applied in fp32)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rj = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    rg = tl.arange(0, GS)
+    mask = (rn < N)[:, None] & (rj < J)[None, :]  # [BN, BJ]
+    for c in tl.static_range(NCB):
+        code = tl.load(codes_ptr + rn[:, None].to(tl.int64) * stride_cn + rj[None, :] * NCB + c, mask=mask, other=0)
+        code = code.to(tl.int32)
+        if WIDE:
+            code = code & 0xFFFF  # int16 storage of a uint16 code
+        cw = tl.load(cb_ptr + (c * NCODE + code[:, :, None]) * GS + rg[None, None, :], mask=mask[:, :, None], other=0.0)
+        if c == 0:
+            w = cw
+        else:
+            w = w + cw
+    w = w.to(tl.float32) * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None, None]
+    ptrs = w_ptr + rn[:, None, None].to(tl.int64) * stride_wn + rj[None, :, None] * GS + rg[None, None, :]
+    tl.store(ptrs, w.to(w_ptr.dtype.element_ty), mask=mask[:, :, None])
+
+
+def aqlm_dequantize(
+    codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, bn: int = 64, bj: int = 16
+) -> torch.Tensor:
+    """Dense W [N, K] in ``dtype`` from AQLM codes [N, K/g, Mc], codebooks fp16 [Mc, 2^B, g] (g a power of two) and
+    scales fp16 [N], on their device."""
+    N, J, ncb = codes.shape
+    _, ncode, gs = codebooks.shape
+    w = torch.empty(N, J * gs, dtype=dtype, device=codes.device)
+    codes = codes.contiguous()
+    _aqlm_dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(J, bj))](
+        codes, codebooks.contiguous(), scales, w, N, J, codes.stride(0), w.stride(0),
+        NCB=ncb, NCODE=ncode, GS=gs, WIDE=codes.dtype == torch.int16, BN=bn, BJ=bj, num_warps=4,
+    )  # fmt: skip
+    return w
+
+
+def aqlm_dense(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = x W^T for x [..., K] (fp16/bf16): W dequantized by :func:`aqlm_dequantize` in x's dtype, then cuBLAS."""
+    return torch.nn.functional.linear(x, aqlm_dequantize(codes, codebooks, scales, x.dtype))

@@ -1,5 +1,9 @@
-"""Small-batch matmul for QuIP#-style weights (format "quip", casp/quant/quip.py), in Triton. Experimental: not
-dispatched until it is measured on a GPU.
+"""Matmul for QuIP#-style weights (format "quip", casp/quant/quip.py), in Triton.
+
+Two ways for the middle product, neither dispatched by casp.kernels.linear until they are measured on a GPU (their
+times against the torch path: ``benchmarks/kernels.py --quip``): ``quip_linear``, a decode-and-dot GEMV on rotated
+activations, and ``quip_dense``, which decodes the rotated weight into the activations' dtype for cuBLAS (any
+batch; it writes 2 bytes per weight where the torch path builds an fp32 copy).
 
     y = D_N T_N^T ( s * (C (T_K D_K x)) )
 
@@ -40,6 +44,18 @@ def _e8p_decode(code, src_ptr, par_ptr, rk):
 
 
 @triton.jit
+def _e8p_weights(code, c2, src_ptr, par_ptr, rk, inv_resid, BITS: tl.constexpr):
+    """Unscaled rotated weights [BJ, BN, 8] (fp32) of the codes (and residual codes c2 at 3 and 4 bits)."""
+    w = _e8p_decode(code, src_ptr, par_ptr, rk)
+    if BITS == 3:  # 1-bit sign residual: bit k of c2 is the sign of coordinate k
+        neg = (c2[:, :, None] >> rk[None, None, :]) & 1
+        w += (1 - 2 * neg).to(tl.float32) * inv_resid
+    elif BITS == 4:  # a second E8P codeword
+        w += _e8p_decode(c2 & 0xFFFF, src_ptr, par_ptr, rk) * inv_resid
+    return w
+
+
+@triton.jit
 def _quip_gemv_kernel(
     x_ptr, codes_ptr, codes2_ptr, src_ptr, par_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, J, blocks_per_split, stride_xm, stride_cn, stride_c2n, stride_ym, inv_resid,
@@ -66,17 +82,35 @@ def _quip_gemv_kernel(
         cmask = jmask[:, None] & nmask[None, :]  # [BJ, BN]
         xv = tl.load(x_row + jj[:, None] * 8 + rk[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
         code = tl.load(codes_ptr + rows * stride_cn + jj[:, None], mask=cmask, other=0).to(tl.int32) & 0xFFFF
-        w = _e8p_decode(code, src_ptr, par_ptr, rk)
-        if BITS == 3:
+        c2 = code
+        if BITS > 2:
             c2 = tl.load(codes2_ptr + rows * stride_c2n + jj[:, None], mask=cmask, other=0).to(tl.int32)
-            neg = (c2[:, :, None] >> rk[None, None, :]) & 1
-            w += (1 - 2 * neg).to(tl.float32) * inv_resid
-        elif BITS == 4:
-            c2 = tl.load(codes2_ptr + rows * stride_c2n + jj[:, None], mask=cmask, other=0).to(tl.int32) & 0xFFFF
-            w += _e8p_decode(c2, src_ptr, par_ptr, rk) * inv_resid
+        w = _e8p_weights(code, c2, src_ptr, par_ptr, rk, inv_resid, BITS)
         acc += tl.where(cmask[:, :, None], w, 0.0) * xv[:, None, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=0) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     _store_row(y, y_ptr, y_ptr, ws_ptr, cnt_ptr, m, rn, nmask, pid_n, pid_s, M, N, stride_ym, False, SPLIT)
+
+
+@triton.jit
+def _quip_dequant_kernel(
+    codes_ptr, codes2_ptr, src_ptr, par_ptr, s_ptr, w_ptr, N, J, stride_cn, stride_c2n, stride_wn, inv_resid,
+    BITS: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr,
+):  # fmt: skip
+    """W'[rn, 8 j : 8 j + 8] = s[rn] C[rn, j] (the rotated weight) for the BJ blocks j of program_id(1), in W's
+    dtype."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rj = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    rk = tl.arange(0, 8)
+    mask = (rj < J)[:, None] & (rn < N)[None, :]  # [BJ, BN]
+    rows = rn[None, :].to(tl.int64)
+    code = tl.load(codes_ptr + rows * stride_cn + rj[:, None], mask=mask, other=0).to(tl.int32) & 0xFFFF
+    c2 = code
+    if BITS > 2:
+        c2 = tl.load(codes2_ptr + rows * stride_c2n + rj[:, None], mask=mask, other=0).to(tl.int32)
+    w = _e8p_weights(code, c2, src_ptr, par_ptr, rk, inv_resid, BITS)
+    w = w * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :, None]
+    ptrs = w_ptr + rows[:, :, None] * stride_wn + rj[:, None, None] * 8 + rk[None, None, :]
+    tl.store(ptrs, w.to(w_ptr.dtype.element_ty), mask=mask[:, :, None])
 
 
 def e8p_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,5 +165,30 @@ def quip_linear(x: torch.Tensor, qw, **kernel_options) -> torch.Tensor:
     lead = x.shape[:-1]
     xr = _transform(x.reshape(-1, K).float() * qw.su.float())
     yr = quip_rotated_gemv(xr, qw.codes, qw.codes2, qw.scales, qw.bits, qw.resid_scale, **kernel_options)
+    y = _transform(yr, transpose=True) * qw.sv.float()
+    return y.to(x.dtype).reshape(*lead, N)
+
+
+def quip_dequantize_rotated(qw, dtype: torch.dtype, bn: int = 64, bj: int = 16) -> torch.Tensor:
+    """W' = s * decode(codes) [N, K] (the weight in the incoherent basis) in ``dtype``, on the codes' device."""
+    N, J = qw.codes.shape
+    src, parity = e8p_tables(qw.codes.device)
+    codes = qw.codes.contiguous()
+    c2 = codes if qw.codes2 is None else qw.codes2.contiguous()
+    w = torch.empty(N, J * CODE_DIM, dtype=dtype, device=codes.device)
+    _quip_dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(J, bj))](
+        codes, c2, src, parity, qw.scales, w, N, J, codes.stride(0), c2.stride(0), w.stride(0), 1.0 / qw.resid_scale,
+        BITS=qw.bits, BN=bn, BJ=bj, num_warps=4,
+    )  # fmt: skip
+    return w
+
+
+def quip_dense(x: torch.Tensor, qw) -> torch.Tensor:
+    """y = x W^T for a QuIPWeight ``qw`` and x [..., K] (fp16/bf16): the transforms in fp32 around cuBLAS on the
+    rotated weight decoded into x's dtype (:func:`quip_dequantize_rotated`); y in x's dtype."""
+    N, K = qw.shape
+    lead = x.shape[:-1]
+    xr = _transform(x.reshape(-1, K).float() * qw.su.float())
+    yr = torch.nn.functional.linear(xr.to(x.dtype), quip_dequantize_rotated(qw, x.dtype)).float()
     y = _transform(yr, transpose=True) * qw.sv.float()
     return y.to(x.dtype).reshape(*lead, N)
