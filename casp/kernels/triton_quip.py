@@ -20,6 +20,8 @@ in-kernel as in triton_uniform.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -113,8 +115,10 @@ def _quip_dequant_kernel(
     tl.store(ptrs, w.to(w_ptr.dtype.element_ty), mask=mask[:, :, None])
 
 
+@functools.lru_cache(maxsize=8)
 def e8p_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source vectors [256, 8] fp32, parity of each source's coordinate sum [256] int32) on ``device``."""
+    """(source vectors [256, 8] fp32, parity of each source's coordinate sum [256] int32) on ``device``, built once:
+    a rebuild costs a host->device copy, which CUDA-graph capture refuses (9 KB per device)."""
     src = e8p_source(device)
     return src.contiguous(), source_parity(src).to(torch.int32)
 
