@@ -125,7 +125,9 @@ def test_measure_speed_times_the_static_decode_path_when_it_applies(monkeypatch)
     monkeypatch.setattr(casp.decode, "graph_decode_applies", lambda *a, **k: k.get("cuda_graph", True))
     out = measure_speed(model, inputs, new_tokens=5, repeats=1, warmup=0, adapter=adapter)
     assert out["decode_path"] == "cuda_graph" and out["setup_s"] >= 0
-    assert out["decode_tokens_per_s"] > 0 and out["total_tokens_per_s"] < out["decode_tokens_per_s"]
+    # the whole call (prefill, capture, 4 decode steps for 5 tokens) takes longer than its decode steps alone; a
+    # plain total < decode comparison also depends on a step being faster than the prefill, which a loaded CPU breaks
+    assert out["decode_tokens_per_s"] > 0 and out["total_tokens_per_s"] < out["decode_tokens_per_s"] * 5 / 4
     off = measure_speed(model, inputs, new_tokens=5, repeats=1, warmup=0, adapter=adapter, cuda_graph=False)
     assert off["decode_path"] == "generate"
 

@@ -72,18 +72,11 @@ def test_aqlm_dequantize_under_triton_interpreter():
 
 _COMPILE = textwrap.dedent(
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from casp.kernels.triton_aqlm import _aqlm_dequant_kernel as kernel
+    from tests.triton_interpreter import compile_sm90
     for codes, ncode, out in (("*u8", 256, "*fp16"), ("*i16", 1 << 16, "*bf16")):
-        sig = {name: "i32" for name in kernel.arg_names}
-        sig.update({"codes_ptr": codes, "cb_ptr": "*fp16", "s_ptr": "*fp16", "w_ptr": out})
         const = {"NCB": 2, "NCODE": ncode, "GS": 8, "WIDE": codes == "*i16", "BN": 64, "BJ": 16}
-        sig.update({name: "constexpr" for name in const})
-        constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        compiled = compile_sm90(kernel, {"codes_ptr": codes, "cb_ptr": "*fp16", "s_ptr": "*fp16", "w_ptr": out}, const)
         assert compiled.asm["cubin"]
     print("ok")
     """

@@ -290,10 +290,8 @@ def test_stored_layout_tensor_core_kernels_under_triton_interpreter():
 
 _COMPILE_TENSOR_CORE = textwrap.dedent(
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from casp.kernels.triton_uniform import _dot_kernel, _tc_kernel
+    from tests.triton_interpreter import compile_sm90
 
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp16",
             "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
@@ -304,12 +302,7 @@ _COMPILE_TENSOR_CORE = textwrap.dedent(
                 (_dot_kernel, {"BITS": 3, "UC": 32, "UW": 3, "ASM": True, "ONE_GROUP": False, "HAS_BIAS": True,
                                "BM": 32, "BN": 64, "BK": 128, "GSUB": 64, "SPLIT": 2})]
     for kernel, const in variants:
-        sig = {n: "i32" for n in kernel.arg_names}
-        sig.update(ptrs)
-        sig.update({n: "constexpr" for n in const})
-        constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-        c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        c = compile_sm90(kernel, ptrs, const, num_stages=2)  # as KernelConfig launches them
         assert c.asm["cubin"] and "mma" in c.asm["ptx"]
     print("ok")
     """

@@ -216,29 +216,19 @@ def test_kmajor_only_tiny_llama_under_triton_interpreter():
 
 _COMPILE = textwrap.dedent(
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from casp.kernels.triton_kmajor_mm import _kmajor_dequant_t_kernel as dq
     from casp.kernels.triton_kmajor_mm import _kmajor_tc_kernel as tc
-
-    def build(kernel, ptrs, const, warps):
-        sig = {n: "i32" for n in kernel.arg_names}
-        sig.update(ptrs)
-        sig.update({n: "constexpr" for n in const})
-        constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
+    from tests.triton_interpreter import compile_sm90 as build
 
     for dt in ("fp16", "bf16"):
         for bits, wpg, bm, split in ((2, 8, 16, 4), (4, 16, 64, 1), (2, 2, 32, 2), (4, 4, 16, 1)):
             c = build(tc, {"x_ptr": "*i32", "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*" + dt, "y_ptr": "*" + dt,
                            "ws_ptr": "*fp32", "cnt_ptr": "*i32"},
                       {"BITS": bits, "WPG": wpg, "PRE": 4, "HAS_BIAS": True, "BM": bm, "BN": 64, "SPLIT": split,
-                       "XBF16": dt == "bf16", "F32_DOT": False}, 4)
+                       "XBF16": dt == "bf16", "F32_DOT": False}, num_stages=2)  # as default_tc_config
             assert c.asm["cubin"] and "mma" in c.asm["ptx"]  # the slab's products on tensor cores
             c = build(dq, {"w_ptr": "*i32", "sz_ptr": "*i32", "out_ptr": "*" + dt},
-                      {"BITS": bits, "WPG": wpg, "PRE": 4, "BN": 128}, 4)
+                      {"BITS": bits, "WPG": wpg, "PRE": 4, "BN": 128})
             assert c.asm["cubin"]
     print("ok")
     """

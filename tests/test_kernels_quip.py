@@ -71,52 +71,24 @@ def test_quip_kernel_under_triton_interpreter():
 
 _COMPILE = textwrap.dedent(
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from casp.kernels.triton_quip import _quip_gemv_kernel as kernel
-    sig = {name: "i32" for name in kernel.arg_names}
-    sig.update({"x_ptr": "*fp32", "codes_ptr": "*i16", "codes2_ptr": "*i16", "src_ptr": "*fp32", "par_ptr": "*i32",
-                "s_ptr": "*fp16", "y_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "inv_resid": "fp32"})
-    for bits in (2, 3, 4):
-        const = {"BITS": bits, "BN": 32, "BJ": 16, "SPLIT": 4}
-        sig.update({name: "constexpr" for name in const})
-        if bits == 3:
-            sig["codes2_ptr"] = "*u8"
-        constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert compiled.asm["cubin"]
-    from casp.kernels.triton_quip import _quip_dequant_kernel as dq
-    for bits in (2, 3, 4):
-        for out in ("*fp16", "*bf16"):
-            dsig = {name: "i32" for name in dq.arg_names}
-            dsig.update({"codes_ptr": "*i16", "codes2_ptr": "*u8" if bits == 3 else "*i16", "src_ptr": "*fp32",
-                         "par_ptr": "*i32", "s_ptr": "*fp16", "w_ptr": out, "inv_resid": "fp32"})
-            const = {"BITS": bits, "BN": 64, "BJ": 16}
-            dsig.update({name: "constexpr" for name in const})
-            constexprs = {(dq.arg_names.index(n),): v for n, v in const.items()}
-            compiled = triton.compile(ASTSource(fn=dq, signature=dsig, constexprs=constexprs),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            assert compiled.asm["cubin"]
     from casp.kernels.triton_fwht import _fwht_kernel
-    fsig = {"X": "*fp32", "Y": "*fp32", "stride_x": "i32", "stride_y": "i32", "scale": "fp32", "A": "constexpr",
-            "B": "constexpr"}
+    from casp.kernels.triton_quip import _quip_dequant_kernel, _quip_gemv_kernel
+    from tests.triton_interpreter import compile_sm90
+    for bits in (2, 3, 4):
+        codes2 = "*u8" if bits == 3 else "*i16"
+        types = {"x_ptr": "*fp32", "codes_ptr": "*i16", "codes2_ptr": codes2, "src_ptr": "*fp32", "par_ptr": "*i32",
+                 "s_ptr": "*fp16", "y_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "inv_resid": "fp32"}
+        assert compile_sm90(_quip_gemv_kernel, types, {"BITS": bits, "BN": 32, "BJ": 16, "SPLIT": 4}).asm["cubin"]
+        for out in ("*fp16", "*bf16"):
+            types = {"codes_ptr": "*i16", "codes2_ptr": codes2, "src_ptr": "*fp32", "par_ptr": "*i32",
+                     "s_ptr": "*fp16", "w_ptr": out, "inv_resid": "fp32"}
+            assert compile_sm90(_quip_dequant_kernel, types, {"BITS": bits, "BN": 64, "BJ": 16}).asm["cubin"]
+    types = {"X": "*fp32", "Y": "*fp32", "scale": "fp32"}
     for a, b, warps in ((16, 16, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8)):
-        consts = {(_fwht_kernel.arg_names.index("A"),): a, (_fwht_kernel.arg_names.index("B"),): b}
-        compiled = triton.compile(ASTSource(fn=_fwht_kernel, signature=fsig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        assert compiled.asm["cubin"]
+        assert compile_sm90(_fwht_kernel, types, {"A": a, "B": b}, num_warps=warps).asm["cubin"]
     print("ok")
     """
 )
-
-
-@needs_triton
-def test_quip_dense_path_under_triton_interpreter():
-    """The rotated weight decoded by Triton equals the torch decode; through cuBLAS (here torch on the CPU) in fp16
-    and bf16 the product agrees with the torch path."""
-    run_interpreted(_INTERPRET_DENSE)
 
 
 @needs_triton

@@ -263,13 +263,10 @@ def test_kmajor_kernel_under_triton_interpreter():
 
 _COMPILE_KMAJOR = textwrap.dedent(
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from casp.kernels.triton_kmajor import _kmajor_gemv_kernel as kernel
-    sig = {name: "i32" for name in kernel.arg_names}
-    sig.update({"x_ptr": "*i32", "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*fp16", "y_ptr": "*fp16",
-                "ws_ptr": "*fp32", "cnt_ptr": "*i32"})
+    from tests.triton_interpreter import compile_sm90
+    types = {"x_ptr": "*i32", "w_ptr": "*i32", "sz_ptr": "*i32", "b_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32",
+             "cnt_ptr": "*i32"}
     for bits, bk, bn, warps, stages, even, prefetch, pdl in (
             (2, 8, 512, 4, 2, True, False, 0), (4, 16, 512, 4, 3, True, False, 0), (2, 4, 256, 2, 2, False, False, 0),
             (4, 8, 1024, 8, 2, False, False, 0), (2, 8, 256, 2, 3, True, True, 1), (4, 8, 256, 2, 3, True, True, 2),
@@ -277,11 +274,7 @@ _COMPILE_KMAJOR = textwrap.dedent(
         const = {"BITS": bits, "WPG": 8 if bits == 2 else 16, "BK": bk, "BN": bn, "PRE": 4, "TWO": bits == 4,
                  "ASM": True, "EVEN": even, "HAS_BIAS": not even, "SPLIT": 4, "STAGES": stages,
                  "PREFETCH": prefetch, "PDL": pdl, "PF": 64}
-        sig.update({n: "constexpr" for n in const})
-        constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": stages, "launch_pdl": pdl > 0})
+        compiled = compile_sm90(kernel, types, const, num_warps=warps, num_stages=stages, launch_pdl=pdl > 0)
         assert compiled.asm["cubin"]
         ptx = compiled.asm["ptx"]
         assert "fma.rn.f16x2" in ptx  # the half2 decode, not the interpreter's fp32 one

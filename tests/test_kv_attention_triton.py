@@ -106,10 +106,9 @@ _COMPILE = textwrap.dedent(
     """
     import re, shutil, subprocess, tempfile, os
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from casp.kernels.triton_kv_attention import BLOCK_N, NUM_WARPS, TC_BLOCK_N, TC_NUM_WARPS
     from casp.kernels.triton_kv_attention import _packed_decode_kernel, _packed_decode_tc_kernel
+    from tests.triton_interpreter import compile_sm90
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     variants = []
     for bits, ng, gqa in ((2, 1, 1), (4, 1, 1), (2, 2, 4), (4, 4, 2)):
@@ -120,15 +119,10 @@ _COMPILE = textwrap.dedent(
                                                                    "DW": db // 4, "WPG": db // 4 // ng,
                                                                    "FACTORED": ng == 1, "BLOCK": TC_BLOCK_N,
                                                                    "ASM": True}))
+    types = {"Q": "*fp16", "KC": "*i32", "KS": "*fp16", "KZ": "*fp16", "VC": "*i32", "VS": "*fp16", "VZ": "*fp16",
+             "IDX": "*i32", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32", "sm_scale": "fp32"}
     for kernel, warps, const in variants:
-        sig = {name: "i32" for name in kernel.arg_names}
-        sig.update({"Q": "*fp16", "KC": "*i32", "KS": "*fp16", "KZ": "*fp16", "VC": "*i32", "VS": "*fp16",
-                    "VZ": "*fp16", "IDX": "*i32", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32",
-                    "sm_scale": "fp32"})
-        sig.update({name: "constexpr" for name in const})
-        constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        compiled = compile_sm90(kernel, types, const, num_warps=warps)
         assert compiled.asm["cubin"]
         if os.path.exists(cuobjdump):
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

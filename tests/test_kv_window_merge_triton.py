@@ -49,20 +49,13 @@ def test_window_merge_kernel_matches_torch_partials_under_interpreter():
 
 _COMPILE = textwrap.dedent(
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from casp.kernels.triton_kv_merge import BLOCK_W, _window_merge_kernel as kernel
-    sig = {name: "i32" for name in kernel.arg_names}
-    sig.update({"Q": "*fp16", "K": "*fp16", "V": "*fp16", "VALID": "*i8", "M_IN": "*fp32", "L_IN": "*fp32",
-                "ACC_IN": "*fp32", "OUT": "*fp32", "sm_scale": "fp32"})
+    from tests.triton_interpreter import compile_sm90
+    types = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "VALID": "*i8", "M_IN": "*fp32", "L_IN": "*fp32",
+             "ACC_IN": "*fp32", "OUT": "*fp32", "sm_scale": "fp32"}
     for gqa, has_valid in ((1, False), (4, True)):
         const = {"GQA": gqa, "D": 128, "BLOCK": BLOCK_W, "BLOCK_S": 64, "HAS_VALID": has_valid}
-        sig.update({name: "constexpr" for name in const})
-        constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert compiled.asm["cubin"]
+        assert compile_sm90(kernel, types, const).asm["cubin"]
     print("ok")
     """
 )

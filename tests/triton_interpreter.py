@@ -42,3 +42,20 @@ def run_compiled(code: str) -> None:
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.rstrip().endswith("ok"), out.stderr[-3000:]
+
+
+def compile_sm90(kernel, types: dict, const: dict, num_warps: int = 4, num_stages: int = 3, **options):
+    """Compile a ``@triton.jit`` kernel for an H100 (sm_90) with Triton's real compiler and ptxas, no GPU needed (for
+    the scripts that :func:`run_compiled` runs). ``types``: the Triton types of the arguments that are not i32 (e.g.
+    ``{"x_ptr": "*fp16"}``); ``const``: the constexpr arguments' values; ``num_stages`` defaults to Triton's own
+    default, as a launch without it. Returns the compiled kernel (``.asm``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: "i32" for name in kernel.arg_names}
+    sig.update(types)
+    sig.update({name: "constexpr" for name in const})
+    constexprs = {(kernel.arg_names.index(n),): v for n, v in const.items()}
+    return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages, **options})  # fmt: skip
