@@ -58,7 +58,8 @@ def test_eval_then_report(tmp_path, capsys):
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "vqa:vqa.jsonl acc:" in printed and "ppl:wiki.txt ppl:" in printed and "vqa.jsonl:2: image" in printed
-    assert "speed (generate, batch 2, 3 new tokens, prompt from vqa:vqa.jsonl line 1 with its image)" in printed
+    assert ("speed (generate, --batch1-kernel kmajor, batch 2, 3 new tokens, prompt from vqa:vqa.jsonl line 1 with its "
+            "image)") in printed
     speed = json.loads(out.read_text())["speed"]
     assert speed["decode_tokens_per_s"] > 0 and speed["batch_size"] == 2 and speed["kernel_copy_bytes"] == 0
     report = tmp_path / "report.html"
@@ -76,6 +77,10 @@ def test_eval_speed_from_a_text_file_and_its_errors(tmp_path):
     res = evaluate(model_dir, [f"ppl:{tmp_path / 'wiki.txt'}"], device="cpu", speed=True, speed_tokens=3,
                    batch_size=3, ppl_max_length=16, progress=False)
     assert res["speed"]["prompt"] == "ppl:wiki.txt first 1000 chars" and res["speed"]["batch_size"] == 3
+    assert res["speed"]["batch1_kernel"] == "kmajor"  # "auto" off a GPU (the default), recorded as decided
+    from casp.eval.speed import speed_line
+
+    assert "--batch1-kernel kmajor," in speed_line(res["speed"])
     tokens = res["speed"]["prompt_tokens"]
     assert tokens % 3 == 0 and tokens // 3 > 50  # three copies of the text, all of it (440 characters)
     with pytest.raises(EvalError, match="--speed-tokens must be at least 2"):

@@ -89,7 +89,7 @@ def evaluate(
     tokens/s and memory, on a batch of ``batch_size`` copies of the first prompt, ``speed_tokens`` new
     tokens each, decoded the way the tasks were (a CUDA graph on a GPU unless ``cuda_graph=False``).
     ``batch1_kernel``: see casp.kernels.set_batch1_kernel."""
-    from casp.kernels import set_batch1_kernel
+    from casp.kernels import resolve_batch1_kernel, set_batch1_kernel
     from casp.models import load_model
 
     if not tasks:
@@ -104,6 +104,7 @@ def evaluate(
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     t0 = time.perf_counter()
     model, processor, adapter = load_model(model_path, dtype=dtype, device=device)
+    batch1_kernel = resolve_batch1_kernel(model, batch1_kernel)  # "auto" decided here, so the results can say it
     set_batch1_kernel(model, batch1_kernel)
     timing: dict[str, float] = {"load_s": time.perf_counter() - t0}
     results: dict[str, dict[str, Any]] = {}
@@ -132,6 +133,7 @@ def evaluate(
                 speed_result = {"batch_size": batch, "oom": True,
                                 "error": f"out of GPU memory at batch {batch}: lower --batch-size for --speed"}
             speed_result["prompt"] = source
+            speed_result["batch1_kernel"] = batch1_kernel
             timing["speed_s"] = time.perf_counter() - t1
     timing["total_s"] = time.perf_counter() - t0
     res = make_results(model_path, results, timing, device=device, dtype=str(dtype).removeprefix("torch."))

@@ -178,8 +178,9 @@ def speed_line(speed: Mapping[str, Any]) -> str:
     """One printed line of a measure_speed result."""
     memory = (f"peak GPU memory {speed['peak_memory_bytes'] / 2**30:.2f} GiB" if "peak_memory_bytes" in speed
               else f"weights {speed['model_bytes'] / 2**20:.1f} MiB")
-    return (f"speed ({speed['decode_path']}, batch {speed['batch_size']}, {speed['new_tokens']} new tokens, prompt "
-            f"from {speed.get('prompt', '?')}): decode {speed['decode_tokens_per_s']:.1f} tok/s, prefill "
+    kernel = f", --batch1-kernel {speed['batch1_kernel']}" if "batch1_kernel" in speed else ""
+    return (f"speed ({speed['decode_path']}{kernel}, batch {speed['batch_size']}, {speed['new_tokens']} new tokens, "
+            f"prompt from {speed.get('prompt', '?')}): decode {speed['decode_tokens_per_s']:.1f} tok/s, prefill "
             f"{speed['prefill_tokens_per_s']:.0f} tok/s, {memory}, kernel copies "
             f"{speed['kernel_copy_bytes'] / 2**20:.1f} MiB"
             + (f", {speed['offloaded_bytes'] / 2**20:.1f} MiB of weights off the device" if speed.get("offloaded_bytes")
