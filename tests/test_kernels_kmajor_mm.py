@@ -96,14 +96,12 @@ _INTERPRET_KERNELS = textwrap.dedent(
             for dtype in (torch.float16, torch.bfloat16):
                 x, b = torch.randn(M, K).to(dtype), torch.randn(N).to(dtype)
                 ref = x.double() @ w.T + b.double()
-                ys = [mm.kmajor_linear(x, kw, b, path=p) for p in ("dequant", "tc")] + [mm.kmajor_linear(x, kw, b)]
+                got = [(mm.kmajor_linear(x, kw, b, path=p), ref) for p in ("dequant", "tc", None)]
                 xs = (x if qw.perm is None else x[:, qw.perm.long()]).contiguous()
-                ys += [mm.kmajor_tc(xs, kw, b, KernelConfig(16, 128, 4, 2, bm=16, split=s)) for s in (2, 3)]
+                got += [(mm.kmajor_tc(xs, kw, b, KernelConfig(16, 128, 4, 2, bm=16, split=s)), ref) for s in (2, 3)]
                 if dtype == torch.float16:
-                    ys.append(mm.kmajor_linear(x[:1], kw, b))  # one row: the batch-1 GEMV
-                    ref1 = ref[:1]
-                for i, y in enumerate(ys):
-                    r = ref1 if (dtype == torch.float16 and i == len(ys) - 1) else ref
+                    got.append((mm.kmajor_linear(x[:1], kw, b), ref[:1]))  # one row: the batch-1 GEMV
+                for y, r in got:
                     assert y.dtype == dtype and y.shape == r.shape
                     worst[dtype] = max(worst[dtype], float((y.double() - r).norm() / r.norm()))
     assert worst[torch.float16] < 1e-3 and worst[torch.bfloat16] < 8e-3, worst
