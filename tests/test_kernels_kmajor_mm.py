@@ -161,6 +161,11 @@ _INTERPRET_MODE = textwrap.dedent(
     # another kernel choice leaves the mode
     kernels.set_batch1_kernel(model, "gemv")
     assert all(m.kmajor_only is None for m in model) and sl.kernel_copy_bytes(model) == 0
+    # so does a move to another device: the stored buffers follow it
+    kernels.set_batch1_kernel(model, "kmajor-only")
+    assert model[0].kmajor_only is not None
+    model.to("meta")
+    assert model[0].kmajor_only is None and model[0].qweight.device.type == "meta"
     print("ok")
     """
 )
