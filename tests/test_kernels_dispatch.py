@@ -69,7 +69,7 @@ def test_set_batch1_kernel_reaches_the_dispatch_and_gemv_frees_the_copies(monkey
     model(torch.randn(1, 256))
     assert seen == [None, None]  # unset: uniform_config.GEMV_M1
     first = model[0]
-    sl.cached_kmajor(first.qweight, first.scales, first.zeros, 2, 256, 4)  # as a first GPU call would
+    sl.cached_kmajor(first.qweight, first.scales, first.zeros, 2, 64, 256)  # as a first GPU call would
     assert sl.kernel_copy_bytes(model) > 0
     assert kernels.set_batch1_kernel(model, "kmajor") == 2 and sl.kernel_copy_bytes(model) > 0
     assert kernels.set_batch1_kernel(model, "gemv") == 2

@@ -198,11 +198,11 @@ def test_pack_scale_zero_halves_and_code_shift():
 
 def test_cached_kmajor_reused_and_invalidated():
     qw = _layer(N=8, K=256, bits=4, group=64)
-    a = sl.cached_kmajor(qw.qweight, qw.scales, qw.zeros, 4, 256, 8)
-    assert sl.cached_kmajor(qw.qweight, qw.scales, qw.zeros, 4, 256, 8) is a
+    a = sl.cached_kmajor(qw.qweight, qw.scales, qw.zeros, 4, 64, 256)
+    assert sl.cached_kmajor(qw.qweight, qw.scales, qw.zeros, 4, 64, 256) is a
     qw.scales.mul_(2)  # new scales: a fresh packed copy
-    b = sl.cached_kmajor(qw.qweight, qw.scales, qw.zeros, 4, 256, 8)
-    assert b is not a and torch.equal(b[1], sl.pack_scale_zero(qw.scales, qw.zeros, b[2]))
+    b = sl.cached_kmajor(qw.qweight, qw.scales, qw.zeros, 4, 64, 256)
+    assert b is not a and torch.equal(b.sz, sl.pack_scale_zero(qw.scales, qw.zeros, b.pre))
     assert getattr(qw.qweight, "_casp_slab", None) is None  # its own cache: the slab one is untouched
 
 
@@ -214,7 +214,8 @@ def test_kernel_copy_bytes_counts_the_repacked_copies():
     assert sl.kernel_copy_bytes(model) == 0
     layer = model[0]
     slabs = sl.cached_slabs(layer.qweight, 4, 256, 8)
-    words, sz, _ = sl.cached_kmajor(layer.qweight, layer.scales, layer.zeros, 4, 256, 8)
+    kw = sl.cached_kmajor(layer.qweight, layer.scales, layer.zeros, 4, 64, 256)
+    words, sz = kw.words, kw.sz
     # 8 rows x 256 4-bit codes = 256 words per layout, plus 4 groups x 8 rows of (scale, zero) pairs
     assert sl.kernel_copy_bytes(model) == 4 * (slabs.numel() + words.numel() + sz.numel()) == 4 * (256 + 256 + 32)
 

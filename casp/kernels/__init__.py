@@ -24,6 +24,7 @@ Triton is imported only when a GPU call needs it, so CPU-only installs without T
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.cache
 def triton_available() -> bool:
     """True if the triton package can be imported (it is not needed on CPU)."""
     return importlib.util.find_spec("triton") is not None
@@ -81,7 +83,8 @@ def linear(
     x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, m1: str | None = None
 ) -> torch.Tensor:
     """y = x W^T + b for a packed weight ``qw``; y has x's dtype. ``m1``: the kernel at batch 1 (see above)."""
-    if kernel_for(x, qw) == "triton_uniform":
+    kind = kernel_for(x, qw)
+    if kind == "triton_uniform":
         from casp.kernels.triton_uniform import uniform_linear
 
         return uniform_linear(
@@ -95,7 +98,6 @@ def linear(
             None if bias is None else bias.to(x.dtype),
             m1=m1,
         )
-    kind = kernel_for(x, qw)
     if kind == "triton_aqlm":
         from casp.kernels.triton_aqlm import aqlm_gemv
 
@@ -113,21 +115,25 @@ def linear(
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def _kmajor_layout_takes(qw: QuantizedWeight) -> bool:
+    """A "uniform" weight of 2 or 4 bits with groups of whole words (uniform_config.kmajor_ok)."""
+    from casp.kernels.uniform_config import kmajor_ok
+
+    return qw.format == "uniform" and kmajor_ok(qw.bits, qw.group_size, qw.n_groups)
+
+
 def kmajor_only_weight(qw: QuantizedWeight) -> KMajorWeight | None:
     """The K-major copy of ``qw`` on its device if "kmajor-only" mode applies to it, else None.
 
     It applies to "uniform" weights of 2 or 4 bits with groups of whole words, on a CUDA device with Triton
     (or under Triton's CPU interpreter, which the tests use).
     """
-    from casp.kernels.slab_layout import make_kmajor_weight, slab_words
+    from casp.kernels.slab_layout import make_kmajor_weight
 
-    if qw.format != "uniform" or qw.bits not in (2, 4):
-        return None
-    K = qw.shape[1]
     on_gpu = qw.qweight.is_cuda and triton_available()
-    if slab_words(qw.bits, qw.group_size, K) is None or not (on_gpu or triton_interpreting()):
+    if not (_kmajor_layout_takes(qw) and (on_gpu or triton_interpreting())):
         return None
-    return make_kmajor_weight(qw.qweight, qw.scales, qw.zeros, qw.perm, qw.bits, qw.group_size, K)
+    return make_kmajor_weight(qw.qweight, qw.scales, qw.zeros, qw.perm, qw.bits, qw.group_size, qw.shape[1])
 
 
 def linear_kmajor(x: torch.Tensor, kw: KMajorWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,18 +161,15 @@ def kmajor_copy_bytes(model: torch.nn.Module, device: torch.device | None = None
     """GPU bytes the "kmajor" mode's K-major copies would add: the codes, scales and zeros of each QuantLinear whose
     weight the K-major kernel takes (2 or 4 bits, groups of whole words) and that sits on ``device`` (default: any
     GPU)."""
-    from casp.kernels.slab_layout import slab_words
     from casp.quant.linear import QuantLinear
-
-    def here(t: torch.Tensor) -> bool:
-        return t.is_cuda if device is None else t.device == device
 
     total = 0
     for layer in model.modules():
-        if isinstance(layer, QuantLinear) and layer.meta.get("format") == "uniform" and here(layer.qweight):
-            qw = layer.quantized_weight()
-            if qw.bits in (2, 4) and slab_words(qw.bits, qw.group_size, qw.shape[1]) is not None:
-                total += sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros))
+        if not isinstance(layer, QuantLinear):
+            continue
+        qw = layer.quantized_weight()
+        if _kmajor_layout_takes(qw) and (qw.qweight.is_cuda if device is None else qw.qweight.device == device):
+            total += sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros))
     return total
 
 
@@ -206,13 +209,11 @@ def set_batch1_kernel(model: torch.nn.Module, kernel: str) -> int:
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in layers:
         layer.stored_layout()
-    if kernel == "auto":
-        drop_kernel_copies(model)  # "auto" weighs the copies against the memory they would take
-        kernel = resolve_batch1_kernel(model, kernel)
+    if kernel != "kmajor":
+        drop_kernel_copies(model)  # (before "auto" weighs the copies against the memory they would take)
+    kernel = resolve_batch1_kernel(model, kernel)
     for layer in layers:
         layer.batch1_kernel = "kmajor" if kernel == "kmajor-only" else kernel
-    if kernel != "kmajor":
-        drop_kernel_copies(model)
     if kernel == "kmajor-only":
         for layer in layers:
             layer.kmajor_layout_only()

@@ -35,7 +35,7 @@ import torch
 from casp.quant.packing import unpack_codes
 
 SLAB_CODES = 128  # codes per slab when the group allows it: 8 words at 2 bits, 16 at 4, 32 at 8
-REPACK_CHUNK = 1 << 22  # codes repacked at a time (bounds the repack's temporary memory to ~75 MB)
+REPACK_CHUNK = 1 << 22  # codes repacked at a time (bounds the repack's temporaries; repack_memory.py)
 _CACHE_ATTR = "_casp_slab"
 _KMAJOR_ATTR = "_casp_kmajor"  # its own attribute: a graph captured on one layout keeps its buffers alive
 
@@ -62,7 +62,8 @@ def repack_slabs(qweight: torch.Tensor, bits: int, K: int, wpg: int) -> torch.Te
     """Stored "uniform" words [N, ceil(K/32)*b] -> slab words [N, n_slabs * wpg] (int32, same device).
 
     Works through the rows in chunks of about REPACK_CHUNK codes: in one pass the repack held about 18 bytes per
-    code at its peak (760 MB for 4096 x 11008, measured on the CPU), 1.2 GB of a small GPU's memory at 13824 x 5120.
+    code at its peak (797 MB for 4096 x 11008; 144-247 MB in chunks: benchmarks/repack_memory.py on the CPU),
+    which would be about 1.3 GB of a small GPU's memory at 13824 x 5120.
     """
     hp = 16 // bits  # fields per 16-bit half
     T = n_slabs(K, bits, wpg)
@@ -147,22 +148,21 @@ def kmajor_code_shift(scales: torch.Tensor, pre: int = 4) -> int:
 
 
 def cached_kmajor(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, K: int, wpg: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(K-major words, packed scale/zero, code shift) of a weight, made on first use and kept on ``qweight``.
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, K: int
+) -> KMajorWeight:
+    """The K-major copy (:func:`make_kmajor_weight`) of a weight, made on first use and kept on ``qweight``.
 
     Same contract as :func:`cached_slabs` (keyed by the tensors' version counters; call a forward before
     capturing a CUDA graph); costs one more copy of the codes, scales and zeros.
     """
     hit = getattr(qweight, _KMAJOR_ATTR, None)
-    key = (qweight._version, scales.data_ptr(), scales._version, zeros.data_ptr(), zeros._version, bits, K, wpg)
+    key = (qweight._version, scales.data_ptr(), scales._version, zeros.data_ptr(), zeros._version, bits, group_size, K)
     if hit is not None and hit[0] == key:
         return hit[1]
     _refuse_inside_capture(qweight)
-    pre = kmajor_code_shift(scales)
-    packed = (repack_kmajor(qweight, bits, K, wpg), pack_scale_zero(scales, zeros, pre), pre)
-    setattr(qweight, _KMAJOR_ATTR, (key, packed))
-    return packed
+    kw = make_kmajor_weight(qweight, scales, zeros, None, bits, group_size, K)
+    setattr(qweight, _KMAJOR_ATTR, (key, kw))
+    return kw
 
 
 @dataclass(frozen=True)
@@ -231,8 +231,8 @@ def _kernel_copies(model: torch.nn.Module):
         for attr in (_CACHE_ATTR, _KMAJOR_ATTR):
             hit = getattr(buf, attr, None)
             if hit is not None:
-                value = hit[1]  # slab: the words; K-major: (words, packed scale/zero, code shift)
-                yield buf, attr, [t for t in (value if isinstance(value, tuple) else (value,)) if torch.is_tensor(t)]
+                value = hit[1]  # slab: the words; K-major: a KMajorWeight
+                yield buf, attr, [value.words, value.sz] if isinstance(value, KMajorWeight) else [value]
 
 
 def kernel_copy_bytes(model: torch.nn.Module) -> int:

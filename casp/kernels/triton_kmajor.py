@@ -247,8 +247,7 @@ def kmajor_gemv(
         raise ValueError(f"the K-major kernel needs fp16 activations, 2 or 4 bits and a group size that is a "
                          f"multiple of the codes per word; got {x.dtype}, {bits} bits, group {group_size}: "
                          f"use path 'gemv'")  # fmt: skip
-    words, sz, pre = cached_kmajor(qweight, scales, zeros, bits, K, wpg)
-    return kmajor_gemv_packed(x, KMajorWeight(words, sz, pre, bits, group_size, K, wpg), bias, cfg)
+    return kmajor_gemv_packed(x, cached_kmajor(qweight, scales, zeros, bits, group_size, K), bias, cfg)
 
 
 def kmajor_gemv_packed(
